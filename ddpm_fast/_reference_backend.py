@@ -1,0 +1,76 @@
+"""The "reference" backend: the interface of :mod:`ddpm_fast.ops` over :mod:`ddpm_fast.reference`
+(pure PyTorch, any device, differentiable through autograd). Noise from a seed is the float64 §3
+noise of :mod:`ddpm_fast.noise`, rounded once to the compute dtype."""
+from __future__ import annotations
+
+import torch
+
+from . import reference as R
+from .noise import gaussian_noise_reference
+
+NAME = "reference"
+
+
+def availability():
+    return {"cpu": (True, ""), "cuda": (torch.cuda.is_available(), "" if torch.cuda.is_available()
+                                         else "torch.cuda.is_available() is False")}
+
+
+def supports_dtype(device_type, dtype):
+    return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _seed_arg(seed):
+    return seed.reshape(()) if seed.numel() == 1 else seed
+
+
+def _noise(noise, seed, offset, shape, device):
+    if noise is not None:
+        return noise
+    if seed is None:
+        return None
+    return gaussian_noise_reference(shape, _seed_arg(seed), offset.reshape(()), device=device,
+                                    dtype=torch.float64)
+
+
+def _write(out, x):
+    if out is None:
+        return x
+    out.copy_(x)
+    return out
+
+
+def gaussian_noise(shape, seed, offset, dtype):
+    return gaussian_noise_reference(shape, _seed_arg(seed), offset.reshape(()), device=seed.device, dtype=dtype)
+
+
+def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
+    eps = _noise(noise, seed, offset, x0.shape, x0.device)
+    return R.q_sample(x0, R.abar_at(alphas_cumprod, t), eps)
+
+
+def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
+    eps = _noise(noise, seed, offset, x_t.shape, x_t.device)
+    x_prev, x0_hat = R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
+    return _write(out, x_prev), (x0_hat if return_x0 else None)
+
+
+def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
+    eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if opts["eta"] > 0 else None
+    x_prev, x0_hat = R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
+    return _write(out, x_prev), (x0_hat if return_x0 else None)
+
+
+def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, return_x0, out, **opts):
+    x_next, x0_hat = R.ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, **opts)
+    return _write(out, x_next), (x0_hat if return_x0 else None)
+
+
+def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):
+    eps = _noise(noise, seed, offset, x0.shape, x0.device) if target != "sample" else None
+    return R.simple_loss(model_output, x0, t, alphas_cumprod, eps, target=target, snr_gamma=snr_gamma)
+
+
+def vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type):
+    return R.vlb_terms(model_output, x0, x_t, t, alphas_cumprod, prediction_type=prediction_type,
+                       variance_type=variance_type)

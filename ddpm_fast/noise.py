@@ -1,0 +1,125 @@
+"""The frozen noise contract (REFERENCE §3), in vectorised pure PyTorch.
+
+Gaussian noise is a pure function of ``(seed, offset, i)``: Philox4x32-10 with key
+``(seed mod 2^32, seed >> 32)`` and counter ``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``,
+``q = i // 4``; the four output words give four normals by Box-Muller and element ``i`` takes number
+``i % 4``. ``i`` is the row-major index of the element in the sample's shape (restarting at 0 in
+every row of dim 0 when the seed is per row). This module is the specification: it computes the
+uniforms and Box-Muller in float64 and rounds only the result.
+
+32-bit words are held in int64 tensors; the 32x32 -> 64-bit products of Philox are split into
+16-bit halves so that no intermediate exceeds 2^50 (no signed overflow anywhere).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = ["philox4x32_10", "uniform_from_bits", "box_muller", "normals_at", "gaussian_noise_reference",
+           "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"]
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+_TWO_POW_M23 = 2.0 ** -23
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product a * m, a an int64 tensor of uint32 values."""
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    p_lo = a_lo * m                       # < 2^48
+    p_hi = a_hi * m                       # < 2^48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
+    lo = mid & _MASK32
+    hi = (p_hi >> 16) + (mid >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011; Random123 constants) on int64 tensors holding uint32
+    words. ``counter`` is four words, ``key`` two; they broadcast. Returns the four output words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & _MASK32 for k in key)
+    for rnd in range(10):
+        if rnd > 0:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
+    """u(r) = ((r >> 9) + 0.5) * 2^-23: strictly inside (0, 1), exact in fp32 (float64 here)."""
+    return ((r >> 9).to(torch.float64) + 0.5) * _TWO_POW_M23
+
+
+def box_muller(ra: torch.Tensor, rb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two normals from two words: sqrt(-2 ln u(ra)) * (cos, sin)(2 pi u(rb)), in float64."""
+    radius = torch.sqrt(-2.0 * torch.log(uniform_from_bits(ra)))
+    theta = (2.0 * math.pi) * uniform_from_bits(rb)
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
+def _split_seed(seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    seed = seed.to(torch.int64)
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def normals_at(index: torch.Tensor, seed, offset) -> torch.Tensor:
+    """The float64 normals of the contract at element indices ``index`` (int64 tensor).
+    ``seed`` and ``offset`` are ints or int64 tensors broadcasting against ``index``."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=index.device)
+    offset = torch.as_tensor(offset, dtype=torch.int64, device=index.device)
+    q = index >> 2
+    k0, k1 = _split_seed(seed)
+    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
+    n0, n1 = box_muller(r0, r1)
+    n2, n3 = box_muller(r2, r3)
+    lane = index & 3
+    return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+
+
+def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=None,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """§3 noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
+    per-row seeds (``i`` restarts in every row). ``offset``: int or 0-d int64 tensor. Computed in
+    float64 by blocks of four normals and rounded once to ``dtype``."""
+    shape = tuple(int(s) for s in shape)
+    seed_t = torch.as_tensor(seed, dtype=torch.int64)
+    if device is None:
+        device = seed_t.device if seed_t.device.type != "cpu" else torch.device("cpu")
+    device = torch.device(device)
+    seed_t = seed_t.to(device)
+    offset_t = torch.as_tensor(offset, dtype=torch.int64).to(device).reshape(())
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.empty(shape, device=device, dtype=dtype)
+    if seed_t.dim() == 1 and len(shape) >= 1:
+        rows = shape[0]
+        per_row = numel // rows if rows else 0
+        nq = (per_row + 3) // 4
+        q = torch.arange(nq, device=device, dtype=torch.int64).unsqueeze(0)      # (1, nq)
+        key = seed_t.reshape(rows, 1)
+        blocks = _normal_blocks(q, key, offset_t)                                 # (rows, nq, 4)
+        flat = blocks.reshape(rows, nq * 4)[:, :per_row]
+    else:
+        nq = (numel + 3) // 4
+        q = torch.arange(nq, device=device, dtype=torch.int64)
+        flat = _normal_blocks(q, seed_t.reshape(()), offset_t).reshape(-1)[:numel]
+    return flat.reshape(shape).to(dtype)
+
+
+def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    k0, k1 = _split_seed(seed)
+    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
+    n0, n1 = box_muller(r0, r1)
+    n2, n3 = box_muller(r2, r3)
+    return torch.stack([n0, n1, n2, n3], dim=-1)

@@ -1,0 +1,511 @@
+"""The public functional API (REFERENCE §6) and the dispatch to backends.
+
+Every public function validates its arguments here (clear ``ValueError``/``TypeError`` naming the
+argument), normalises them, picks a backend (:func:`ddpm_fast.backends.resolve_backend`) and calls
+that backend's function of the same name.
+
+Backend interface (one function per op, identical for "reference", "native" and "triton"; the
+compiled ops are registered as ``ddpm_fast::<op>``, the Triton ones as ``ddpm_fast_triton::<op>``):
+
+* tensors all on one device ``D``, any strides, dtypes fp32/fp16/bf16 (fp64 where the backend
+  says so in ``supports_dtype``); ``model_output`` may differ in dtype from the sample;
+* ``t``, ``prev_t``, ``next_t``: ``(B,)`` int64 tensors on ``D`` (``B`` = the sample's batch);
+  ``prev_t < 0`` means "past the end": ``abar_prev = 1`` for DDPM, ``final_alpha_cumprod`` for DDIM;
+* ``alphas_cumprod``: the schedule's ``(T,)`` float64 table on ``D``; kernels derive every
+  coefficient of a row from ``abar[t]`` and ``abar[prev_t]`` in float64 and round to fp32 after;
+* ``noise``: a tensor of the sample's shape, or ``None``; ``seed``: an int64 tensor on ``D`` of
+  shape ``(1,)`` (one seed) or ``(B,)`` (per-row seeds), or ``None``; ``offset``: a ``(1,)`` int64
+  tensor on ``D`` (or ``None`` with ``seed``). At most one of ``noise``/``seed`` is given; neither
+  means the op draws no noise (the dispatch layer has checked that none is needed);
+* options are plain Python values, already validated.
+
+Signatures::
+
+    gaussian_noise(shape, seed, offset, dtype) -> Tensor                 # on seed's device
+    q_sample(x0, t, alphas_cumprod, noise, seed, offset) -> x_t          # grad in x0
+    ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *,
+              prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
+              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
+        -> (x_prev, x0_hat or None)                                      # grad in model_output, x_t
+    ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta,
+              prediction_type, use_clipped_model_output, final_alpha_cumprod, clip_sample,
+              clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+              guidance_scale, return_x0, out) -> (x_prev, x0_hat or None)
+    ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type,
+              use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
+              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
+        -> (x_next, x0_hat or None)
+    diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target,
+              snr_gamma) -> (B,) float32 per-sample losses               # grad in model_output
+    vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type)
+        -> (B,) float32 bits/dim                                         # grad in model_output
+
+``variance_type`` reaching a backend is one of ``fixed_small``, ``fixed_small_log``,
+``fixed_large``, ``fixed_large_log``, ``learned`` (the extra channels are a *log*-variance, the
+improved-diffusion meaning; the drop-in scheduler converts diffusers' variance) and
+``learned_range``. With ``guidance_scale`` set, ``model_output`` has ``2B`` rows (unconditional
+first). With ``out`` given, the backend writes ``x_prev`` into it (``out`` may be ``x_t``) and
+returns it.
+
+Device-tensor timesteps are not range-checked on the host (that would be a device sync): set
+``DDPM_FAST_DEBUG_CHECKS=1`` (or :func:`set_debug_checks`) to check them at the price of a sync.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .backends import backends, resolve_backend
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
+    "vlb_loss", "hybrid_loss", "backends", "set_debug_checks",
+    "PREDICTION_TYPES", "VARIANCE_TYPES", "LOSS_TARGETS", "REDUCTIONS",
+]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                  "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+LOSS_TARGETS = ("epsilon", "sample", "v_prediction")
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_debug_checks = os.environ.get("DDPM_FAST_DEBUG_CHECKS", "") not in ("", "0")
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Check device-tensor timesteps against the schedule on every call (costs a device sync)."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    return x
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def _check_same_device(device: torch.device, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the sample is on {device}: "
+                             "all tensors must be on one device")
+
+
+def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: int = 0,
+               allow_none: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Normalise a timestep argument to a ``(B,)`` int64 tensor on ``device``. Returns it and,
+    when its values are known on the host without a device sync, the host copy (else None)."""
+    if isinstance(t, bool):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got bool")
+    if isinstance(t, int):
+        host = torch.full((batch,), t, dtype=torch.int64)
+    elif isinstance(t, torch.Tensor):
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+        if t.dim() == 0:
+            if t.device.type == "cpu":
+                host = torch.full((batch,), int(t), dtype=torch.int64)
+            else:
+                _check_same_device(device, **{name: t})
+                host = None
+                t = t.to(torch.int64).expand(batch)
+        elif t.dim() == 1 and t.shape[0] == batch:
+            if t.device.type == "cpu" and device.type == "cpu":
+                host = t.to(torch.int64)
+            else:
+                _check_same_device(device, **{name: t})
+                host = None
+                t = t.to(torch.int64)
+        else:
+            raise ValueError(f"{name} must be an int, a 0-d tensor or a ({batch},) tensor, got shape "
+                             f"{tuple(t.shape)}")
+    else:
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
+    if host is not None:
+        lo, hi = int(host.min()), int(host.max())
+        if lo < low or hi >= T:
+            raise ValueError(f"{name} must lie in [{low}, {T}) for this schedule, got values in [{lo}, {hi}]")
+        return host.to(device), host
+    if _debug_checks:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < low or hi >= T:
+            raise ValueError(f"{name} must lie in [{low}, {T}) for this schedule, got values in [{lo}, {hi}]")
+    return t.contiguous(), None
+
+
+def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], what: str):
+    """Validate and normalise ``noise``/``seed``/``offset``. ``needed``: True, False or None
+    (unknown on the host). Returns ``(noise, seed, offset)`` normalised for a backend."""
+    if noise is not None and seed is not None:
+        raise ValueError("give exactly one of noise and seed, not both")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise must have the sample's shape {tuple(shape)}, got {tuple(noise.shape)}")
+        if noise.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"noise must be a floating tensor, got {noise.dtype}")
+        _check_same_device(device, noise=noise)
+        return noise, None, None
+    if seed is None:
+        if needed is False:
+            return None, None, None
+        if needed is None:
+            raise ValueError(f"noise and seed are both None, and {what} may need noise (its timesteps are "
+                             "a device tensor, not known on the host): give noise= or seed=")
+        raise ValueError(f"noise and seed are both None, but {what} needs noise: give noise= or seed=")
+    return None, _seed_tensor(seed, shape[0], device), _offset_tensor(offset, device)
+
+
+def _seed_tensor(seed, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int or an int64 tensor, got bool")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+        return torch.tensor([seed], dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"seed must be an int64 tensor, got dtype {seed.dtype}")
+        if seed.dim() == 0:
+            return seed.reshape(1).to(device)
+        if seed.dim() == 1 and seed.shape[0] == batch:
+            if seed.device.type != "cpu":
+                _check_same_device(device, seed=seed)
+            return seed.to(device)
+        raise ValueError(f"seed must be an int, a 0-d int64 tensor or a ({batch},) int64 tensor of per-row "
+                         f"seeds, got shape {tuple(seed.shape)}")
+    raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+
+
+def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
+    if isinstance(offset, bool):
+        raise TypeError("offset must be an int or a 0-d int64 tensor, got bool")
+    if isinstance(offset, int):
+        if not 0 <= offset < 2 ** 63:
+            raise ValueError(f"offset must lie in [0, 2**63), got {offset}")
+        return torch.tensor([offset], dtype=torch.int64, device=device)
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.numel() != 1:
+            raise ValueError(f"offset must be an int or a 0-d int64 tensor, got {offset.dtype} of shape "
+                             f"{tuple(offset.shape)}")
+        return offset.reshape(1).to(device)
+    raise TypeError(f"offset must be an int or a 0-d int64 tensor, got {type(offset).__name__}")
+
+
+def _check_float(name: str, value, *, low=None, high=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _sample_shape_checks(model_output, x_t, *, channels_factor: int, guidance: bool, mo_name="model_output",
+                         x_name="x_t"):
+    """Check model_output's shape against the sample's: C or 2C channels (learned variance),
+    B or 2B rows (guidance)."""
+    B = x_t.shape[0]
+    exp = list(x_t.shape)
+    if channels_factor == 2:
+        if x_t.dim() < 2:
+            raise ValueError(f"learned variance types need a channel dimension (dim 1); {x_name} has shape "
+                             f"{tuple(x_t.shape)}")
+        exp[1] *= 2
+    if guidance:
+        exp[0] = 2 * B
+    if list(model_output.shape) != exp:
+        why = []
+        if channels_factor == 2:
+            why.append("twice the sample's channels (learned variance)")
+        if guidance:
+            why.append("2B rows, unconditional then conditional (guidance_scale)")
+        extra = f" ({', '.join(why)})" if why else ""
+        raise ValueError(f"{mo_name} must have shape {tuple(exp)}{extra}, got {tuple(model_output.shape)}")
+
+
+def _check_out(out, x_t):
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
+        raise ValueError(f"out must match x_t (shape {tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
+                         f"shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+    return out
+
+
+def _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value):
+    return dict(
+        clip_sample=_check_bool("clip_sample", clip_sample),
+        clip_sample_range=_check_float("clip_sample_range", clip_sample_range, low=0.0),
+        thresholding=_check_bool("thresholding", thresholding),
+        dynamic_thresholding_ratio=_check_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
+                                                low=0.0, high=1.0),
+        sample_max_value=_check_float("sample_max_value", sample_max_value, low=0.0),
+    )
+
+
+def _dtype_for_backend(*xs):
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else xs[0].dtype
+
+
+# --------------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------------
+def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = torch.float32,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` under the §3 contract: a pure function of
+    ``(seed, offset, index)``. ``seed`` may be a ``(shape[0],)`` int64 tensor of per-row seeds."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape) or len(shape) == 0:
+        raise ValueError(f"shape must be a non-empty sequence of non-negative ints, got {shape}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    seed_t = _seed_tensor(seed, shape[0], device)
+    offset_t = _offset_tensor(offset, device)
+    impl = resolve_backend(backend, device, dtype)
+    return impl.gaussian_noise(shape, seed_t, offset_t, dtype)
+
+
+def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, backend: Optional[str] = None):
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
+    the §3 noise of ``(seed, offset)``. Differentiable in ``x0``."""
+    x0 = _check_tensor("x0", x0)
+    schedule = _check_schedule(schedule)
+    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=True, what="q_sample")
+    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0))
+    return impl.q_sample(x0, tt, schedule.table(x0.device), noise, seed_t, offset_t)
+
+
+def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor):
+    model_output = _check_tensor("model_output", model_output)
+    x_t = _check_tensor("x_t", x_t)
+    schedule = _check_schedule(schedule)
+    _check_same_device(x_t.device, model_output=model_output)
+    guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
+    _sample_shape_checks(model_output, x_t, channels_factor=channels_factor, guidance=guidance_scale is not None)
+    return model_output, x_t, schedule, guidance_scale
+
+
+def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="epsilon",
+              variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, thresholding=False,
+              dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None, noise=None,
+              seed=None, offset=0, return_x0=False, out=None, backend: Optional[str] = None):
+    """One reverse DDPM step (Ho et al. Algorithm 2, diffusers' order) from ``t`` to ``prev_t``
+    (``t - 1`` when None; ``-1`` means the final step). Returns ``x_prev`` or ``(x_prev, x0_hat)``.
+    Noise is added where ``t > 0``. ``variance_type="learned"`` reads the extra channels as a
+    log-variance (improved-diffusion)."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
+    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, factor)
+    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                           sample_max_value)
+    return_x0 = _check_bool("return_x0", return_x0)
+    out = _check_out(out, x_t)
+    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
+    tt, t_host = _timesteps("t", t, B, dev, T)
+    if prev_t is None:
+        pt = tt - 1
+        pt_host = None if t_host is None else t_host - 1
+    else:
+        pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=-1)
+    if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
+        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
+                         f"prev_t={pt_host.tolist()}")
+    needed = None if t_host is None else bool((t_host > 0).any())
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=needed, what="ddpm_step")
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
+    x_prev, x0_hat = impl.ddpm_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
+                                    prediction_type=prediction_type, variance_type=variance_type,
+                                    guidance_scale=guidance_scale, return_x0=return_x0, out=out, **opts)
+    return (x_prev, x0_hat) if return_x0 else x_prev
+
+
+def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_type="epsilon",
+              use_clipped_model_output=False, final_alpha_cumprod=1.0, clip_sample=True, clip_sample_range=1.0,
+              thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
+              noise=None, seed=None, offset=0, return_x0=False, out=None, backend: Optional[str] = None):
+    """One DDIM step (Song et al.) from ``t`` to ``prev_t`` (``-1``: the final step, with
+    ``abar_prev = final_alpha_cumprod``). Noise only when ``eta > 0``; ``eta`` in [0, 1]."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, 1)
+    eta = _check_float("eta", eta, low=0.0, high=1.0)
+    final_alpha_cumprod = _check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0)
+    use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
+    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                           sample_max_value)
+    return_x0 = _check_bool("return_x0", return_x0)
+    out = _check_out(out, x_t)
+    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
+    tt, t_host = _timesteps("t", t, B, dev, T)
+    pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=-1)
+    if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
+        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
+                         f"prev_t={pt_host.tolist()}")
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=eta > 0, what="ddim_step")
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
+    x_prev, x0_hat = impl.ddim_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
+                                    eta=eta, prediction_type=prediction_type,
+                                    use_clipped_model_output=use_clipped_model_output,
+                                    final_alpha_cumprod=final_alpha_cumprod, guidance_scale=guidance_scale,
+                                    return_x0=return_x0, out=out, **opts)
+    return (x_prev, x0_hat) if return_x0 else x_prev
+
+
+def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
+                      use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
+                      thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None, **unused):
+    """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
+    larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
+    for k in unused:
+        if k not in ("noise", "seed", "offset", "final_alpha_cumprod"):
+            raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
+        if k in ("noise", "seed") and unused[k] is not None:
+            raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, 1)
+    eta = _check_float("eta", eta, low=0.0, high=0.0)
+    use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
+    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                           sample_max_value)
+    return_x0 = _check_bool("return_x0", return_x0)
+    out = _check_out(out, x_t)
+    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
+    tt, t_host = _timesteps("t", t, B, dev, T)
+    nt, nt_host = _timesteps("next_t", next_t, B, dev, T)
+    if t_host is not None and nt_host is not None and bool((nt_host <= t_host).any()):
+        raise ValueError(f"next_t must be larger than t in every row, got t={t_host.tolist()} "
+                         f"next_t={nt_host.tolist()}")
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
+    x_next, x0_hat = impl.ddim_reverse_step(model_output, tt, nt, x_t, schedule.table(dev),
+                                            prediction_type=prediction_type,
+                                            use_clipped_model_output=use_clipped_model_output,
+                                            guidance_scale=guidance_scale, return_x0=return_x0, out=out, **opts)
+    return (x_next, x0_hat) if return_x0 else x_next
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
+def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=None, seed=None, offset=0,
+                   snr_gamma=None, reduction="mean", backend: Optional[str] = None):
+    """The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (fp32), reduced over
+    the batch. ``target``: ``epsilon``, ``sample`` (x0) or ``v_prediction``; the noise is the one
+    :func:`q_sample` drew with the same ``(seed, offset)``. ``snr_gamma``: min-SNR-gamma weights.
+    Differentiable in ``model_output``."""
+    _check_choice("target", target, LOSS_TARGETS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    model_output = _check_tensor("model_output", model_output)
+    x0 = _check_tensor("x0", x0)
+    schedule = _check_schedule(schedule)
+    _check_same_device(x0.device, model_output=model_output)
+    if model_output.shape != x0.shape:
+        raise ValueError(f"model_output must have x0's shape {tuple(x0.shape)}, got {tuple(model_output.shape)}")
+    snr_gamma = _check_float("snr_gamma", snr_gamma, low=0.0, allow_none=True)
+    if snr_gamma is not None and snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=target != "sample",
+                                          what=f"diffusion_loss with target={target!r}")
+    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0, model_output))
+    per_sample = impl.diffusion_loss(model_output, x0, tt, schedule.table(x0.device), noise, seed_t, offset_t,
+                                     target=target, snr_gamma=snr_gamma)
+    return _reduce(per_sample, reduction)
+
+
+def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", variance_type="learned_range",
+             reduction="mean", backend: Optional[str] = None):
+    """The variational-bound term per sample, in bits per dimension: ``KL(q(x_{t-1}|x_t,x0) ||
+    p(x_{t-1}|x_t))`` for ``t > 0``, the discretized decoder NLL at ``t = 0``. ``model_output``
+    has ``2C`` channels for learned variance types. Differentiable in ``model_output``."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    model_output = _check_tensor("model_output", model_output)
+    x0 = _check_tensor("x0", x0)
+    x_t = _check_tensor("x_t", x_t)
+    schedule = _check_schedule(schedule)
+    _check_same_device(x0.device, model_output=model_output, x_t=x_t)
+    if x_t.shape != x0.shape:
+        raise ValueError(f"x_t must have x0's shape {tuple(x0.shape)}, got {tuple(x_t.shape)}")
+    factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
+    _sample_shape_checks(model_output, x0, channels_factor=factor, guidance=False, x_name="x0")
+    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
+    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0, model_output, x_t))
+    per_sample = impl.vlb_loss(model_output, x0, x_t, tt, schedule.table(x0.device),
+                               prediction_type=prediction_type, variance_type=variance_type)
+    return _reduce(per_sample, reduction)
+
+
+def hybrid_loss(model_output, x0, t, schedule, *, noise=None, seed=None, offset=0, prediction_type="epsilon",
+                variance_type="learned_range", snr_gamma=None, reduction="mean", backend: Optional[str] = None):
+    """improved DDPM's hybrid loss (``RESCALED_MSE``): the simple loss on the first ``C`` channels
+    plus ``T/1000`` times the VLB term, which sees the predicted mean through a stop-gradient (it
+    trains the variance channels only) and rebuilds ``x_t`` from the same noise."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("variance_type", variance_type, LEARNED_VARIANCE_TYPES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    model_output = _check_tensor("model_output", model_output)
+    x0 = _check_tensor("x0", x0)
+    schedule = _check_schedule(schedule)
+    _sample_shape_checks(model_output, x0, channels_factor=2, guidance=False, x_name="x0")
+    C = x0.shape[1]
+    prediction, variance = model_output[:, :C], model_output[:, C:]
+    simple = diffusion_loss(prediction, x0, t, schedule, target=prediction_type, noise=noise, seed=seed,
+                            offset=offset, snr_gamma=snr_gamma, reduction="none", backend=backend)
+    with torch.no_grad():
+        x_t = q_sample(x0, t, schedule, noise, seed=seed, offset=offset, backend=backend)
+    frozen = torch.cat([prediction.detach(), variance], dim=1)
+    vlb = vlb_loss(frozen, x0, x_t, t, schedule, prediction_type=prediction_type, variance_type=variance_type,
+                   reduction="none", backend=backend)
+    return _reduce(simple + (schedule.num_timesteps / 1000.0) * vlb, reduction)
