@@ -75,6 +75,9 @@ LOSS_TARGETS = ("epsilon", "sample", "v_prediction")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# prev_t may be any negative value: every negative value means "past the end" (the final step).
+_PAST_END = -(2 ** 62)
+
 _debug_checks = os.environ.get("DDPM_FAST_DEBUG_CHECKS", "") not in ("", "0")
 
 
@@ -148,7 +151,8 @@ def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: i
     if host is not None:
         lo, hi = int(host.min()), int(host.max())
         if lo < low or hi >= T:
-            raise ValueError(f"{name} must lie in [{low}, {T}) for this schedule, got values in [{lo}, {hi}]")
+            lo_txt = "any negative value (the final step)" if low == _PAST_END else low
+            raise ValueError(f"{name} must lie in [{lo_txt}, {T}) for this schedule, got values in [{lo}, {hi}]")
         return host.to(device), host
     if _debug_checks:
         lo, hi = int(t.min()), int(t.max())
@@ -335,7 +339,7 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None, noise=None,
               seed=None, offset=0, return_x0=False, out=None, backend: Optional[str] = None):
     """One reverse DDPM step (Ho et al. Algorithm 2, diffusers' order) from ``t`` to ``prev_t``
-    (``t - 1`` when None; ``-1`` means the final step). Returns ``x_prev`` or ``(x_prev, x0_hat)``.
+    (``t - 1`` when None; a negative ``prev_t`` means the final step, ``abar_prev = 1``). Returns ``x_prev`` or ``(x_prev, x0_hat)``.
     Noise is added where ``t > 0``. ``variance_type="learned"`` reads the extra channels as a
     log-variance (improved-diffusion)."""
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -352,7 +356,7 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
         pt = tt - 1
         pt_host = None if t_host is None else t_host - 1
     else:
-        pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=-1)
+        pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
     if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
         raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
                          f"prev_t={pt_host.tolist()}")
@@ -369,7 +373,7 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
               use_clipped_model_output=False, final_alpha_cumprod=1.0, clip_sample=True, clip_sample_range=1.0,
               thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
               noise=None, seed=None, offset=0, return_x0=False, out=None, backend: Optional[str] = None):
-    """One DDIM step (Song et al.) from ``t`` to ``prev_t`` (``-1``: the final step, with
+    """One DDIM step (Song et al.) from ``t`` to ``prev_t`` (negative: the final step, with
     ``abar_prev = final_alpha_cumprod``). Noise only when ``eta > 0``; ``eta`` in [0, 1]."""
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, 1)
@@ -382,7 +386,7 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     out = _check_out(out, x_t)
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
     tt, t_host = _timesteps("t", t, B, dev, T)
-    pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=-1)
+    pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
     if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
         raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
                          f"prev_t={pt_host.tolist()}")
