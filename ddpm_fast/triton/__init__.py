@@ -1,0 +1,151 @@
+"""The "triton" backend: Triton kernels for every op (REFERENCE §1, §3, §6), registered as
+``ddpm_fast_triton::<op>`` through ``torch.library.triton_op`` so ``torch.compile`` traces them and
+CUDA graphs capture them.
+
+Runs CUDA tensors where Triton is installed and a GPU is visible; CPU tensors only under
+``TRITON_INTERPRET=1`` (the Triton interpreter, slow: for tests) and only when asked for by name
+(``backend="triton"``): ``backend=None`` never picks it on the CPU. Triton is imported lazily, on the
+first op call, so ``import ddpm_fast.triton`` works (and reports unavailability) without it.
+
+Layout: one module per op (``noise_op``, ``q_sample_op``, ``ddpm_step_op``, ``ddim_step_op`` with the
+inversion, ``loss_op``, ``vlb_op``; the ``_op`` suffix keeps a submodule import from shadowing this
+package's function of the same name), each holding its kernel(s), launcher and op registration;
+``_helpers`` holds the per-element helpers (Philox -> normals, conversions, NaN-keeping clamps)
+and launch utilities.
+
+Conventions shared by the kernels:
+* a 1-D grid of ``B * cdiv(N, BLOCK)`` programs, each inside one row (N = elements per sample
+  row), so a row's coefficients are computed once per program in float64 from ``abar[t]`` and
+  ``abar[prev_t]`` (loaded from the float64 table on the device) and rounded to fp32; int64
+  indices throughout;
+* seed and offset are read from device tensors (pointer loads): a CUDA graph that increments its
+  offset tensor in place draws fresh noise on each replay;
+* strided inputs are copied to contiguous ones first (an explicit ``.contiguous()`` in the
+  launchers); ``out=`` that is not contiguous is written through a temporary;
+* ``@triton.autotune`` keyed on ``(B, N)`` (the element count) on CUDA, off under the
+  interpreter; in-place updates (``out`` sharing memory with an input) use a fixed configuration
+  because autotuning re-runs the kernel.
+
+Gradients: ``q_sample`` in ``x0`` (``sqrt(abar_t) * grad``); the steps in ``model_output`` and
+``x_t`` as the vjp of the reference's deterministic step (the additive noise ``sigma z`` does not
+depend on either input, so it drops out of the gradient); ``diffusion_loss`` by a Triton backward
+kernel that regenerates the noise from ``(seed, offset)`` (no noise tensor stored); ``vlb_loss``
+by the vjp of the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Tuple
+
+import torch
+
+NAME = "triton"
+
+_import_error = None
+_ops = None
+
+
+def _triton_importable() -> Tuple[bool, str]:
+    global _import_error
+    if _import_error is None:
+        try:
+            import triton  # noqa: F401
+            _import_error = ""
+        except Exception as e:  # ImportError, or a broken install
+            _import_error = f"triton is not importable ({type(e).__name__}: {e})"
+    return (not _import_error), _import_error
+
+
+def availability() -> Dict[str, Tuple[bool, str]]:
+    ok, why = _triton_importable()
+    interp = os.environ.get("TRITON_INTERPRET", "") == "1"
+    if not ok:
+        return {"cuda": (False, why), "cpu": (False, why)}
+    cuda_ok = torch.cuda.is_available()
+    cuda = (True, "") if cuda_ok else (False, "no CUDA device visible to torch")
+    if interp:
+        cpu = (True, "CPU tensors only under TRITON_INTERPRET=1 (the Triton interpreter, slow; "
+                     "only when asked for by name)")
+    else:
+        cpu = (False, "CPU tensors only under TRITON_INTERPRET=1 (the Triton interpreter), set before "
+                      "ddpm_fast.triton's kernels are imported")
+    return {"cuda": cuda, "cpu": cpu}
+
+
+def supports_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _load():
+    """Import the kernel modules (and so Triton) on first use; registers the torch.library ops."""
+    global _ops
+    if _ops is None:
+        ok, why = _triton_importable()
+        if not ok:
+            raise RuntimeError(f"the triton backend is unavailable: {why}")
+        mods = {}
+        for name in ("noise", "q_sample", "ddpm_step", "ddim_step", "loss", "vlb"):
+            mods[name] = importlib.import_module(f"{__name__}.{name}_op")
+        _ops = mods
+    return _ops
+
+
+# --------------------------------------------------------------------------------------------
+# the backend interface (ddpm_fast/ops.py's docstring)
+# --------------------------------------------------------------------------------------------
+def gaussian_noise(shape, seed, offset, dtype):
+    _load()
+    return torch.ops.ddpm_fast_triton.gaussian_noise(list(shape), seed, offset, dtype)
+
+
+def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
+    _load()
+    return torch.ops.ddpm_fast_triton.q_sample(x0, t, alphas_cumprod, noise, seed, offset)
+
+
+def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type,
+              variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+              sample_max_value, guidance_scale, return_x0, out):
+    m = _load()["ddpm_step"]
+    return m.run(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset,
+                 prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample,
+                 clip_sample_range=clip_sample_range, thresholding=thresholding,
+                 dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                 guidance_scale=guidance_scale, return_x0=return_x0, out=out)
+
+
+def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
+              use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
+    m = _load()["ddim_step"]
+    return m.run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta=eta,
+                      prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
+                      final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
+                      clip_sample_range=clip_sample_range, thresholding=thresholding,
+                      dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                      guidance_scale=guidance_scale, return_x0=return_x0, out=out)
+
+
+def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
+                      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+                      guidance_scale, return_x0, out):
+    m = _load()["ddim_step"]
+    return m.run_reverse(model_output, t, next_t, x_t, alphas_cumprod, prediction_type=prediction_type,
+                         use_clipped_model_output=use_clipped_model_output, clip_sample=clip_sample,
+                         clip_sample_range=clip_sample_range, thresholding=thresholding,
+                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                         sample_max_value=sample_max_value, guidance_scale=guidance_scale,
+                         return_x0=return_x0, out=out)
+
+
+def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):
+    _load()
+    return torch.ops.ddpm_fast_triton.diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset,
+                                                     target, snr_gamma)
+
+
+def vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type):
+    _load()
+    return torch.ops.ddpm_fast_triton.vlb_loss(model_output, x0, x_t, t, alphas_cumprod, prediction_type,
+                                               variance_type)

@@ -1,0 +1,359 @@
+"""Per-element helpers shared by every Triton kernel, and the launch utilities of the launchers.
+
+Device side (``@triton.jit``):
+
+* the §3 noise: Philox4x32-10 words -> uniforms ``u(r) = ((r >> 9) + 0.5) * 2^-23`` -> Box-Muller
+  normals, through ``triton.language.random.philox(seed, c0, c1, c2, c3)`` with the four counter
+  words as **uint32** tensors (``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``, split with
+  logical shifts of the uint64 values): ``tl.randn``/``tl.randint4x`` use other layouts and cannot
+  carry the offset;
+* ``log``/``exp``/``sin``/``cos``/``sqrt`` that are accurate on CUDA: ``tl.log``/``tl.exp``/``tl.sin``/
+  ``tl.cos`` lower to approximate PTX (``lg2.approx``/``ex2.approx``/``sin.approx``) for fp32, so with
+  ``USE_LIBDEVICE`` the CUDA path calls libdevice's ``__nv_logf``/``__nv_expf``/``__nv_sinf``/``__nv_cosf``
+  (``tl.extra.cuda.libdevice``); the interpreter cannot call extern functions and takes the
+  ``tl.*`` path, which it evaluates with numpy (accurate);
+* NaN-keeping clamps (comparisons are false for NaN, so NaN passes through);
+* the parameterisation conversions (§1) with fp32 per-row coefficients.
+
+Host side: whether we run under the interpreter, the fixed block size used there, the autotune
+configurations used on CUDA (keyed on the row count and row length, i.e. on the element count),
+and the decomposition ``program id -> (row, block within the row)`` every kernel shares.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # libdevice lives here in triton >= 3.0
+    from triton.language.extra.cuda import libdevice
+except Exception:  # pragma: no cover - exotic builds
+    libdevice = None
+
+# Read once, at import, as Triton itself reads TRITON_INTERPRET when kernels are decorated.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+TWO_POW_M23 = 1.1920928955078125e-07  # 2^-23, exact in fp32
+TWO_PI = 6.283185307179586
+MASK32 = 0xFFFFFFFF
+
+# prediction / variance / noise codes passed to kernels as constexprs
+PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+VAR_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
+             "learned_range": 5}
+NOISE_NONE, NOISE_TENSOR, NOISE_SEED = 0, 1, 2
+
+# Block size under the interpreter (one program per row for the small test shapes) and the plain
+# (untuned) configuration used on CUDA where autotuning is unsafe (in-place updates).
+INTERPRET_MAX_BLOCK = 1024
+PLAIN_BLOCK = 1024
+PLAIN_WARPS = 4
+MIN_TUNED_BLOCK = 512
+
+
+def autotune_configs():
+    """Elementwise configurations tried on CUDA (every BLOCK a multiple of 4 so a block holds
+    whole Philox quads)."""
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in
+            ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8))]
+
+
+def use_libdevice(device: torch.device) -> bool:
+    return device.type == "cuda" and not INTERPRET and libdevice is not None
+
+
+def interpret_block(row_len: int) -> int:
+    return max(16, min(INTERPRET_MAX_BLOCK, triton.next_power_of_2(max(row_len, 1))))
+
+
+def maybe_autotune(fn, *, key=("B", "N")):
+    """``@triton.autotune`` keyed on the row count and length (the element count) on CUDA; ``None``
+    under the interpreter (autotuning is off there: a fixed block is used)."""
+    if INTERPRET:
+        return None
+    return triton.autotune(configs=autotune_configs(), key=list(key))(fn)
+
+
+def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bool, args, kwargs):
+    """Launch a row-blocked elementwise kernel: grid = B * cdiv(N, BLOCK) programs. Under the
+    interpreter a fixed power-of-two block; on CUDA the autotuned kernel unless ``allow_tune`` is
+    False (in-place updates: autotuning re-runs the kernel, which would read its own output)."""
+    if INTERPRET or tuned is None or not allow_tune:
+        block = interpret_block(N) if INTERPRET else PLAIN_BLOCK
+        grid = (B * triton.cdiv(N, block),)
+        extra = {} if INTERPRET else {"num_warps": PLAIN_WARPS}
+        _wrap(plain)[grid](*args, **kwargs, BLOCK=block, **extra)
+        return block
+    grid = lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    _wrap(tuned)[grid](*args, **kwargs)
+    return None
+
+
+def _wrap(kernel):
+    """``torch.library.wrap_triton`` so that torch.compile traces the launch (a no-op wrapper in eager)."""
+    return torch.library.wrap_triton(kernel)
+
+
+def num_blocks(N: int, block: int) -> int:
+    return max(1, triton.cdiv(N, block))
+
+
+def partial_cols(N: int) -> int:
+    """Columns of a per-row partial-sum buffer valid for every block size a launch may pick."""
+    smallest = min(interpret_block(N), 16) if INTERPRET else min(MIN_TUNED_BLOCK, PLAIN_BLOCK)
+    return num_blocks(N, smallest)
+
+
+def row_view(x: torch.Tensor) -> int:
+    """Elements per row of dim 0."""
+    return x.numel() // x.shape[0] if x.shape[0] else 0
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def row_and_block(N, BLOCK: tl.constexpr):
+    """(row, block index within the row, int64 column offsets of this program's block, mask) for
+    a 1-D grid of B * cdiv(N, BLOCK) programs. int64 throughout: tensors past 2^31 elements index
+    correctly."""
+    pid = tl.program_id(0).to(tl.int64)
+    nblk = (N + BLOCK - 1) // BLOCK
+    row = pid // nblk
+    blk = pid - row * nblk
+    cols = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return row, blk, cols, cols < N
+
+
+@triton.jit
+def log_f(x, USE_LIBDEVICE: tl.constexpr):
+    if USE_LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def exp_f(x, USE_LIBDEVICE: tl.constexpr):
+    if USE_LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def sin_f(x, USE_LIBDEVICE: tl.constexpr):
+    if USE_LIBDEVICE:
+        return libdevice.sin(x)
+    else:
+        return tl.sin(x)
+
+
+@triton.jit
+def cos_f(x, USE_LIBDEVICE: tl.constexpr):
+    if USE_LIBDEVICE:
+        return libdevice.cos(x)
+    else:
+        return tl.cos(x)
+
+
+@triton.jit
+def sqrt_f(x):
+    """IEEE-rounded square root (tl.sqrt is approximate for fp32)."""
+    return tl.sqrt_rn(x)
+
+
+@triton.jit
+def sqrt64(x):
+    """float64 square root (correctly rounded: there is no approximate fp64 sqrt in PTX)."""
+    return tl.sqrt(x.to(tl.float64))
+
+
+@triton.jit
+def clamp_keep_nan(x, lo, hi):
+    """clamp(x, lo, hi) that keeps NaN (as torch.clamp): NaN compares false and passes."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def uniform_from_bits(r):
+    """u(r) = ((r >> 9) + 0.5) * 2^-23: exact in fp32, strictly inside (0, 1)."""
+    return ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def philox_words(seed, q, offset):
+    """The four Philox4x32-10 words of counter (q lo, q hi, offset lo, offset hi) and key
+    (seed lo, seed hi). ``q`` an int64 block, ``seed``/``offset`` int64 scalars in [0, 2^63)."""
+    qu = q.to(tl.uint64, bitcast=True)
+    c0 = (qu & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (qu >> 32).to(tl.uint32)
+    ou = offset.to(tl.uint64, bitcast=True)
+    zero = c0 * 0
+    c2 = zero + (ou & 0xFFFFFFFF).to(tl.uint32)
+    c3 = zero + (ou >> 32).to(tl.uint32)
+    return tl.random.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def box_muller(ra, rb, USE_LIBDEVICE: tl.constexpr):
+    """sqrt(-2 ln u(ra)) * (cos, sin)(2 pi u(rb)) in fp32."""
+    radius = sqrt_f(-2.0 * log_f(uniform_from_bits(ra), USE_LIBDEVICE))
+    theta = 6.283185307179586 * uniform_from_bits(rb)
+    return radius * cos_f(theta, USE_LIBDEVICE), radius * sin_f(theta, USE_LIBDEVICE)
+
+
+@triton.jit
+def normals_aligned(seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The §3 normals of the BLOCK consecutive indices ``base ..`` (base a multiple of 4): one
+    Philox call per quad, its four normals interleaved back into index order."""
+    q = base // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    r0, r1, r2, r3 = philox_words(seed, q, offset)
+    n0, n1 = box_muller(r0, r1, USE_LIBDEVICE)
+    n2, n3 = box_muller(r2, r3, USE_LIBDEVICE)
+    # join(join(n0, n2), join(n1, n3)) has [q, a, b] = n_{2a+b}: row-major it is n0 n1 n2 n3.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
+
+
+@triton.jit
+def normals_at(seed, offset, idx, USE_LIBDEVICE: tl.constexpr):
+    """The §3 normals at arbitrary int64 indices (a quad's words recomputed per element)."""
+    r0, r1, r2, r3 = philox_words(seed, idx >> 2, offset)
+    lane = idx & 3
+    ra = tl.where(lane < 2, r0, r2)
+    rb = tl.where(lane < 2, r1, r3)
+    c, s = box_muller(ra, rb, USE_LIBDEVICE)
+    return tl.where((lane & 1) == 1, s, c)
+
+
+@triton.jit
+def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
+              NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
+              BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The noise of elements ``cols`` of row ``row`` of a sample with N elements a row: a given
+    tensor (NOISE_MODE 1) or the §3 normals of (seed, offset) at the row-major sample index
+    (NOISE_MODE 2): ``i = row * N + col``, or ``col`` with per-row seeds (``seed[row]``).
+    ALIGNED: the block starts at a multiple of 4 (per-row seeds, or N % 4 == 0)."""
+    if NOISE_MODE == 1:
+        z = tl.load(noise_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if PER_ROW_SEED:
+            seed = tl.load(seed_ptr + row)
+            row_base = row * 0
+        else:
+            seed = tl.load(seed_ptr)
+            row_base = row * N
+        offset = tl.load(offset_ptr)
+        if ALIGNED:
+            z = normals_aligned(seed, offset, row_base + blk * BLOCK, BLOCK, USE_LIBDEVICE)
+        else:
+            z = normals_at(seed, offset, row_base + cols, USE_LIBDEVICE)
+    return z
+
+
+@triton.jit
+def x0_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
+    """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
+    if PRED == 0:
+        return (x - sqrt_1m_abar * pred) / sqrt_abar
+    elif PRED == 1:
+        return pred
+    else:
+        return sqrt_abar * x - sqrt_1m_abar * pred
+
+
+@triton.jit
+def eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
+    """epsilon: the prediction; sample: (x_t - sqrt(a) x0)/sqrt(1-a); v: sqrt(a) v + sqrt(1-a) x_t."""
+    if PRED == 0:
+        return pred
+    elif PRED == 1:
+        return (x - sqrt_abar * pred) / sqrt_1m_abar
+    else:
+        return sqrt_abar * pred + sqrt_1m_abar * x
+
+
+@triton.jit
+def load_prediction(mo_ptr, row, cols, mask, B, N, guidance_scale,
+                    LEARNED: tl.constexpr, GUIDANCE: tl.constexpr):
+    """(prediction, variance values) of elements ``cols`` of sample row ``row`` in fp32. The model
+    output has 2N elements a row with learned variance (prediction first, dim-1 split), and 2B
+    rows with guidance (unconditional first): ``uncond + w (cond - uncond)`` on the prediction,
+    the variance values from the conditional half."""
+    if LEARNED:
+        mo_row = 2 * N
+    else:
+        mo_row = N
+    pred = tl.load(mo_ptr + row * mo_row + cols, mask=mask, other=0.0).to(tl.float32)
+    var_row = row
+    if GUIDANCE:
+        cond = tl.load(mo_ptr + (row + B) * mo_row + cols, mask=mask, other=0.0).to(tl.float32)
+        pred = pred + guidance_scale * (cond - pred)
+        var_row = row + B
+    if LEARNED:
+        var = tl.load(mo_ptr + var_row * mo_row + N + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        var = pred
+    return pred, var
+
+
+@triton.jit
+def f64_from_pair(hi, lo):
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def abar_at(abar_ptr, t, past_end):
+    """abar[t] in float64, ``past_end`` where t < 0."""
+    a = tl.load(abar_ptr + tl.maximum(t, 0))
+    return tl.where(t >= 0, a, past_end)
+
+
+# --------------------------------------------------------------------------------------------
+# host helpers shared by the launchers
+# --------------------------------------------------------------------------------------------
+def noise_mode(noise, seed) -> int:
+    if noise is not None:
+        return NOISE_TENSOR
+    if seed is not None:
+        return NOISE_SEED
+    return NOISE_NONE
+
+
+def noise_flags(noise, seed, B: int, N: int):
+    """(NOISE_MODE, PER_ROW_SEED, ALIGNED, noise, seed) ready for a kernel: a given noise tensor
+    made contiguous (an explicit copy for strided noise), seeds flagged per row when ``(B,)``."""
+    mode = noise_mode(noise, seed)
+    per_row = bool(mode == NOISE_SEED and seed.numel() == B and B != 1)
+    aligned = per_row or N % 4 == 0
+    if noise is not None:
+        noise = noise.contiguous()
+    return mode, per_row, aligned, noise
+
+
+def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row quantile of a (B, n) tensor with linear interpolation (as torch.quantile, which
+    refuses more than 2^24 elements), NaN where the row holds a NaN. A sort per row: no host sync."""
+    n = x2d.shape[1]
+    srt = torch.sort(x2d, dim=1).values
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    weight = torch.full((x2d.shape[0],), pos - lo, dtype=x2d.dtype, device=x2d.device)
+    val = torch.lerp(srt[:, lo], srt[:, hi], weight)
+    return torch.where(torch.isnan(x2d).any(dim=1), torch.full_like(val, float("nan")), val)
+
+
+def fp32_pair(value: float):
+    """(hi, lo) fp32 values with hi + lo == value to ~48 bits: how a Python float reaches a kernel
+    (whose float arguments are fp32) when float64 precision matters."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def dummy(device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A placeholder for pointer arguments a kernel variant never reads."""
+    return torch.empty(1, device=device, dtype=dtype)

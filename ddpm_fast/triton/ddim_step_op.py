@@ -1,0 +1,304 @@
+"""The DDIM step (Song et al., REFERENCE §1) and its inversion in one fused kernel:
+prediction (with guidance) -> x0_hat and eps_hat -> clip or dynamic threshold -> (optionally
+eps_hat from the clipped x0_hat) -> ``sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat
++ sigma z``. The inversion (``ddim_reverse_sample``) is the same kernel with ``abar_prev`` replaced
+by ``abar_next`` and ``eta = 0``. Ops ``ddpm_fast_triton::ddim_step`` / ``ddim_step_out`` and
+``ddim_reverse_step`` / ``ddim_reverse_step_out``.
+
+Backward: the vjp of ``ddpm_fast.reference.ddim_step`` / ``ddim_reverse_step`` with ``noise=None``
+(the noise term ``sigma z`` has a per-row ``sigma``, independent of the inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _helpers as H
+
+
+@triton.jit
+def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr, noise_ptr, seed_ptr,
+                      offset_ptr, thr_ptr, B, N, clip_range, guidance_scale, eta_hi, eta_lo, final_hi, final_lo,
+                      PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, GUIDANCE: tl.constexpr,
+                      USE_CLIPPED: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
+                      ALIGNED: tl.constexpr, RAW_X0: tl.constexpr, WRITE_X0: tl.constexpr,
+                      USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+    t = tl.load(t_ptr + row)
+    prev_t = tl.load(prev_ptr + row)
+    abar = H.abar_at(abar_ptr, t, 1.0)
+    # Python floats reach kernels as fp32: eta and final_alpha_cumprod travel as (hi, lo) fp32 pairs
+    # and are rebuilt in float64 (fp32 alone would put 6e-8 relative error on abar_prev, i.e. up to
+    # ~6e-4 on 1 - abar_prev near t = 0)
+    eta = H.f64_from_pair(eta_hi, eta_lo)
+    abar_prev = H.abar_at(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo))
+    sqrt_abar = H.sqrt64(abar).to(tl.float32)
+    sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
+
+    x = tl.load(xt_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    pred, unused = H.load_prediction(mo_ptr, row, cols, mask, B, N, guidance_scale, False, GUIDANCE)
+    x0_hat = H.x0_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED)
+    if RAW_X0:
+        tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
+    else:
+        eps_hat = H.eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED)   # from the raw output
+        if THRESH:
+            s = tl.load(thr_ptr + row)
+            x0_hat = H.clamp_keep_nan(x0_hat, -s, s) / s
+        elif CLIP:
+            x0_hat = H.clamp_keep_nan(x0_hat, -clip_range, clip_range)
+        if USE_CLIPPED:
+            eps_hat = (x - sqrt_abar * x0_hat) / sqrt_1m_abar
+        # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row
+        # (0 when eta = 0: the inversion has abar_next < abar_t, where the second root is NaN)
+        sigma = tl.where(eta > 0, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))
+                         * H.sqrt64(tl.maximum(1.0 - abar / abar_prev, 0.0)), 0.0)
+        direction = H.sqrt64(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)).to(tl.float32)
+        x_prev = H.sqrt64(abar_prev).to(tl.float32) * x0_hat + direction * eps_hat
+        if NOISE_MODE != 0:
+            z = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
+                            NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+            x_prev = x_prev + sigma.to(tl.float32) * z
+        tl.store(out_ptr + row * N + cols, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + row * N + cols, x0_hat.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+_tuned = H.maybe_autotune(_ddim_step_kernel)
+
+
+def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, *, eta, prediction_type,
+            use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+            dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, allow_tune):
+    """Write x_prev into ``out`` (contiguous); return x0_hat or an empty tensor. ``allow_tune`` is
+    False for the ``_out`` ops (``out`` may alias ``x_t``; autotuning re-runs the kernel)."""
+    dev = x_t.device
+    mo = model_output.contiguous()      # explicit copies for strided inputs
+    xt = x_t.contiguous()
+    B, N = x_t.shape[0], H.row_view(x_t)
+    x0_hat = torch.empty_like(xt) if return_x0 else xt.new_empty(0)
+    if x_t.numel() == 0:
+        return x0_hat
+    if eta == 0.0:
+        noise, seed = None, None
+    mode, per_row, aligned, noise = H.noise_flags(noise, seed, B, N)
+    i64 = H.dummy(dev, torch.int64)
+    common = dict(PRED=H.PRED_CODES[prediction_type], CLIP=bool(clip_sample), THRESH=bool(thresholding),
+                  GUIDANCE=guidance_scale is not None, USE_CLIPPED=bool(use_clipped_model_output),
+                  NOISE_MODE=mode, PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev))
+    scalars = (B, N, float(clip_sample_range), float(guidance_scale) if guidance_scale is not None else 0.0,
+               *H.fp32_pair(eta), *H.fp32_pair(final_alpha_cumprod))
+    ptrs = (noise if noise is not None else H.dummy(dev), seed if seed is not None else i64,
+            offset if offset is not None else i64)
+    thr = H.dummy(dev)
+    if thresholding:
+        raw = torch.empty((B, N), device=dev, dtype=torch.float32)
+        H.launch(_ddim_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=True,
+                 args=(mo, xt, raw, raw, t, prev_t, alphas_cumprod, *ptrs, thr, *scalars),
+                 kwargs=dict(common, RAW_X0=True, WRITE_X0=False))
+        thr = H.row_quantile(raw.abs(), dynamic_thresholding_ratio).clamp(1.0, sample_max_value).contiguous()
+    H.launch(_ddim_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=allow_tune,
+             args=(mo, xt, out, x0_hat if return_x0 else H.dummy(dev), t, prev_t, alphas_cumprod, *ptrs, thr,
+                   *scalars),
+             kwargs=dict(common, RAW_X0=False, WRITE_X0=bool(return_x0)))
+    return x0_hat
+
+
+def _fake_pair(x_t, return_x0):
+    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
+    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
+
+
+# --------------------------------------------------------------------------------------------
+# ddim_step
+# --------------------------------------------------------------------------------------------
+@torch.library.triton_op("ddpm_fast_triton::ddim_step", mutates_args={})
+def ddim_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
+              alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+              offset: Optional[torch.Tensor], eta: float, prediction_type: str, use_clipped_model_output: bool,
+              final_alpha_cumprod: float, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+              dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
+              return_x0: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype)
+    x0_hat = _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, eta=eta,
+                     prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
+                     final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
+                     clip_sample_range=clip_sample_range, thresholding=thresholding,
+                     dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                     guidance_scale=guidance_scale, return_x0=return_x0, allow_tune=True)
+    return out, x0_hat
+
+
+@ddim_step.register_fake
+def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
+      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
+    return _fake_pair(x_t, return_x0)
+
+
+@torch.library.triton_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
+def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
+                  alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                  offset: Optional[torch.Tensor], eta: float, prediction_type: str, use_clipped_model_output: bool,
+                  final_alpha_cumprod: float, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+                  dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
+                  return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    return _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, eta=eta,
+                   prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
+                   final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
+                   clip_sample_range=clip_sample_range, thresholding=thresholding,
+                   dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                   guidance_scale=guidance_scale, return_x0=return_x0, allow_tune=False)
+
+
+@ddim_step_out.register_fake
+def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
+      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
+    return _fake_pair(x_t, return_x0)[1]
+
+
+_STEP_NAMES = ("eta", "prediction_type", "use_clipped_model_output", "final_alpha_cumprod", "clip_sample",
+               "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+               "guidance_scale")
+
+
+def _step_setup(ctx, inputs, output):
+    ctx.opts = dict(zip(_STEP_NAMES, inputs[8:18]))
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+
+
+def _step_backward(ctx, grad_prev, grad_x0):
+    from .. import reference as R
+    model_output, t, prev_t, x_t, alphas_cumprod = ctx.saved_tensors
+
+    def f(mo, xt):
+        return R.ddim_step(mo, t, prev_t, xt, alphas_cumprod, None, **ctx.opts)
+
+    _, vjp = torch.func.vjp(f, model_output, x_t)
+    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
+    g_mo, g_xt = vjp((grad_prev, g0))
+    return (g_mo, None, None, g_xt) + (None,) * 15
+
+
+ddim_step.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# ddim_reverse_step (inversion): the step kernel with abar_prev := abar_next, eta = 0
+# --------------------------------------------------------------------------------------------
+def _reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
+                    dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, allow_tune):
+    return dict(eta=0.0, prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
+                final_alpha_cumprod=1.0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                sample_max_value=sample_max_value, guidance_scale=guidance_scale, return_x0=return_x0,
+                allow_tune=allow_tune)
+
+
+@torch.library.triton_op("ddpm_fast_triton::ddim_reverse_step", mutates_args={})
+def ddim_reverse_step(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
+                      clip_sample: bool, clip_sample_range: float, thresholding: bool,
+                      dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
+                      return_x0: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype)
+    x0_hat = _launch(model_output, t, next_t, x_t, alphas_cumprod, None, None, None, out,
+                     **_reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range,
+                                       thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
+                                       return_x0, True))
+    return out, x0_hat
+
+
+@ddim_reverse_step.register_fake
+def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
+      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
+    return _fake_pair(x_t, return_x0)
+
+
+@torch.library.triton_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
+def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
+                          alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
+                          clip_sample: bool, clip_sample_range: float, thresholding: bool,
+                          dynamic_thresholding_ratio: float, sample_max_value: float,
+                          guidance_scale: Optional[float], return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    return _launch(model_output, t, next_t, x_t, alphas_cumprod, None, None, None, out,
+                   **_reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range,
+                                     thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
+                                     return_x0, False))
+
+
+@ddim_reverse_step_out.register_fake
+def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
+      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0,
+      out):
+    return _fake_pair(x_t, return_x0)[1]
+
+
+_REV_NAMES = ("prediction_type", "use_clipped_model_output", "clip_sample", "clip_sample_range", "thresholding",
+              "dynamic_thresholding_ratio", "sample_max_value", "guidance_scale")
+
+
+def _reverse_setup(ctx, inputs, output):
+    ctx.opts = dict(zip(_REV_NAMES, inputs[5:13]))
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+
+
+def _reverse_backward(ctx, grad_next, grad_x0):
+    from .. import reference as R
+    model_output, t, next_t, x_t, alphas_cumprod = ctx.saved_tensors
+
+    def f(mo, xt):
+        return R.ddim_reverse_step(mo, t, next_t, xt, alphas_cumprod, **ctx.opts)
+
+    _, vjp = torch.func.vjp(f, model_output, x_t)
+    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
+    g_mo, g_xt = vjp((grad_next, g0))
+    return (g_mo, None, None, g_xt) + (None,) * 10
+
+
+ddim_reverse_step.register_autograd(_reverse_backward, setup_context=_reverse_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# backend entry points
+# --------------------------------------------------------------------------------------------
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
+             use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+             dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
+            use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+            dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
+    if out is None or _needs_grad(model_output, x_t) or not out.is_contiguous():
+        x_prev, x0_hat = torch.ops.ddpm_fast_triton.ddim_step(*args)
+        if out is not None:
+            out.copy_(x_prev)
+            x_prev = out
+    else:
+        x0_hat = torch.ops.ddpm_fast_triton.ddim_step_out(*args, out)
+        x_prev = out
+    return x_prev, (x0_hat if return_x0 else None)
+
+
+def run_reverse(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
+                clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+                guidance_scale, return_x0, out):
+    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
+            clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
+            return_x0)
+    if out is None or _needs_grad(model_output, x_t) or not out.is_contiguous():
+        x_next, x0_hat = torch.ops.ddpm_fast_triton.ddim_reverse_step(*args)
+        if out is not None:
+            out.copy_(x_next)
+            x_next = out
+    else:
+        x0_hat = torch.ops.ddpm_fast_triton.ddim_reverse_step_out(*args, out)
+        x_next = out
+    return x_next, (x0_hat if return_x0 else None)

@@ -1,0 +1,175 @@
+"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (REFERENCE §1) with the
+noise regenerated from ``(seed, offset)`` in forward and backward: no noise tensor is stored.
+Op ``ddpm_fast_triton::diffusion_loss`` (grad in ``model_output`` through the Triton backward
+kernel of ``ddpm_fast_triton::diffusion_loss_backward``).
+
+The forward writes one partial sum of squared errors per (row, block) into a zero-initialised
+buffer (deterministic: no atomics) and the per-row weight; the per-sample loss is
+``partials.sum(1) / N * w``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _helpers as H
+
+TARGET_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+
+
+@triton.jit
+def _row_weight(abar, snr_gamma, TARGET: tl.constexpr, SNR: tl.constexpr):
+    """min-SNR-gamma weight of a row in float64 (1 without snr_gamma): snr = a/(1-a);
+    epsilon min(snr, g)/snr (1 at snr = 0), v min(snr, g)/(snr + 1), x0 min(snr, g)."""
+    if SNR:
+        snr = abar / (1.0 - abar)
+        g = tl.cast(snr_gamma, tl.float64)
+        clipped = tl.where(snr < g, snr, g)
+        if TARGET == 0:
+            w = tl.where(snr > 0, clipped / tl.where(snr > 0, snr, 1.0), 1.0)
+        elif TARGET == 2:
+            w = clipped / (snr + 1.0)
+        else:
+            w = clipped
+    else:
+        w = abar * 0.0 + 1.0
+    return w
+
+
+@triton.jit
+def _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET: tl.constexpr):
+    if TARGET == 0:
+        return eps
+    elif TARGET == 1:
+        return x0
+    else:
+        return sqrt_abar * eps - sqrt_1m_abar * x0
+
+
+@triton.jit
+def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, partial_ptr, w_ptr,
+                     B, N, P, snr_gamma,
+                     TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
+                     PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+    abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    sqrt_abar = H.sqrt64(abar).to(tl.float32)
+    sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
+    x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if TARGET == 1:
+        eps = x0
+    else:
+        eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
+                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+    d = tl.where(mask, _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET) - mo, 0.0)
+    tl.store(partial_ptr + row * P + blk, tl.sum(d * d, axis=0))
+    w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
+    tl.store(w_ptr + row, w, mask=blk == 0)
+
+
+@triton.jit
+def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, out_ptr,
+                     B, N, inv_n, snr_gamma,
+                     TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
+                     PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """d loss_b / d model_output = grad_b * w_b * 2 (model_output - target) / N, the noise
+    regenerated from (seed, offset)."""
+    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+    abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    sqrt_abar = H.sqrt64(abar).to(tl.float32)
+    sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
+    x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if TARGET == 1:
+        eps = x0
+    else:
+        eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
+                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+    w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
+    scale = tl.load(grad_ptr + row).to(tl.float32) * w * (2.0 * inv_n)
+    g = scale * (mo - _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET))
+    tl.store(out_ptr + row * N + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_tuned_fwd = H.maybe_autotune(_loss_fwd_kernel)
+_tuned_bwd = H.maybe_autotune(_loss_bwd_kernel)
+
+
+def _noise_ptrs(noise, seed, offset, dev):
+    i64 = H.dummy(dev, torch.int64)
+    return (noise if noise is not None else H.dummy(dev), seed if seed is not None else i64,
+            offset if offset is not None else i64)
+
+
+@torch.library.triton_op("ddpm_fast_triton::diffusion_loss", mutates_args={})
+def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+                   target: str, snr_gamma: Optional[float]) -> torch.Tensor:
+    dev = x0.device
+    B, N = x0.shape[0], H.row_view(x0)
+    if N == 0 or B == 0:
+        return torch.full((B,), float("nan"), device=dev, dtype=torch.float32)
+    mo, x0c = model_output.contiguous(), x0.contiguous()   # explicit copies for strided inputs
+    mode, per_row, aligned, noise = H.noise_flags(noise, seed, B, N)
+    P = H.partial_cols(N)
+    partials = torch.zeros((B, P), device=dev, dtype=torch.float32)
+    weights = torch.empty((B,), device=dev, dtype=torch.float32)
+    H.launch(_loss_fwd_kernel, _tuned_fwd, B=B, N=N, device=dev, allow_tune=True,
+             args=(mo, x0c, t, alphas_cumprod, *_noise_ptrs(noise, seed, offset, dev), partials, weights, B, N, P,
+                   float(snr_gamma) if snr_gamma is not None else 0.0),
+             kwargs=dict(TARGET=TARGET_CODES[target], SNR=snr_gamma is not None, NOISE_MODE=mode,
+                         PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev)))
+    per_sample = partials.sum(dim=1) / N
+    return per_sample * weights if snr_gamma is not None else per_sample
+
+
+@diffusion_loss.register_fake
+def _(model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamma):
+    return x0.new_empty((x0.shape[0],), dtype=torch.float32)
+
+
+@torch.library.triton_op("ddpm_fast_triton::diffusion_loss_backward", mutates_args={})
+def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                            alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor],
+                            seed: Optional[torch.Tensor], offset: Optional[torch.Tensor], target: str,
+                            snr_gamma: Optional[float]) -> torch.Tensor:
+    dev = x0.device
+    mo, x0c = model_output.contiguous(), x0.contiguous()
+    out = torch.empty_like(mo)
+    B, N = x0.shape[0], H.row_view(x0)
+    if out.numel() == 0:
+        return out
+    mode, per_row, aligned, noise = H.noise_flags(noise, seed, B, N)
+    H.launch(_loss_bwd_kernel, _tuned_bwd, B=B, N=N, device=dev, allow_tune=True,
+             args=(grad.contiguous(), mo, x0c, t, alphas_cumprod, *_noise_ptrs(noise, seed, offset, dev), out, B, N,
+                   1.0 / N, float(snr_gamma) if snr_gamma is not None else 0.0),
+             kwargs=dict(TARGET=TARGET_CODES[target], SNR=snr_gamma is not None, NOISE_MODE=mode,
+                         PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev)))
+    return out
+
+
+@diffusion_loss_backward.register_fake
+def _(grad, model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamma):
+    return torch.empty(model_output.shape, device=model_output.device, dtype=model_output.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamma = inputs
+    ctx.save_for_backward(model_output, x0, t, alphas_cumprod, noise, seed, offset)
+    ctx.target, ctx.snr_gamma = target, snr_gamma
+
+
+def _backward(ctx, grad):
+    model_output, x0, t, alphas_cumprod, noise, seed, offset = ctx.saved_tensors
+    g = torch.ops.ddpm_fast_triton.diffusion_loss_backward(grad, model_output, x0, t, alphas_cumprod, noise, seed,
+                                                           offset, ctx.target, ctx.snr_gamma)
+    return g, None, None, None, None, None, None, None, None
+
+
+diffusion_loss.register_autograd(_backward, setup_context=_setup_context)
