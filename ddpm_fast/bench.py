@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .nvtx import nvtx_range
+
 __all__ = [
     "OPS", "TRAFFIC", "PROVIDERS", "LIBRARY_PROVIDERS", "DEFAULT_SHAPES", "CUDA_LARGE_SHAPE", "QUICK_SHAPES",
     "DTYPES", "ProviderSkip", "make_runner", "time_fn", "time_group", "op_bytes", "measure_copy", "machine_info",
@@ -218,9 +220,12 @@ def _public_runner(op: str, backend: str, d: dict, shape, dtype, device) -> Call
         mo = mo.detach().clone().requires_grad_(True)
 
         def train():
-            xt = ops.q_sample(x0, t_rows, sched, seed=seed, offset=offset, backend=backend)
-            loss = ops.diffusion_loss(mo, x0, t_rows, sched, seed=seed, offset=offset, backend=backend)
-            loss.backward()
+            with nvtx_range("train: q_sample"):
+                xt = ops.q_sample(x0, t_rows, sched, seed=seed, offset=offset, backend=backend)
+            with nvtx_range("train: loss fwd"):
+                loss = ops.diffusion_loss(mo, x0, t_rows, sched, seed=seed, offset=offset, backend=backend)
+            with nvtx_range("train: loss bwd"):
+                loss.backward()
             mo.grad = None
             return xt
         return train
@@ -264,8 +269,10 @@ def _compiled_reference_runner(op: str, d: dict, shape, dtype, device) -> Callab
         compiled = torch.compile(fwd, dynamic=False)
 
         def train():
-            xt, loss = compiled(mo, x0, t_rows)
-            loss.backward()
+            with nvtx_range("train: q_sample + loss fwd (compiled)"):
+                xt, loss = compiled(mo, x0, t_rows)
+            with nvtx_range("train: loss bwd"):
+                loss.backward()
             mo.grad = None
             return xt
         fn, args = train, ()
@@ -310,10 +317,13 @@ def _user_runner(op: str, provider: str, d: dict, shape, dtype, device) -> Calla
         mo = mo.detach().clone().requires_grad_(True)
 
         def train():
-            noise = torch.randn_like(x0)
-            xt = sched.add_noise(x0, noise, t_rows)
-            loss = F.mse_loss(mo.float(), noise.float(), reduction="mean")
-            loss.backward()
+            with nvtx_range("train: q_sample"):
+                noise = torch.randn_like(x0)
+                xt = sched.add_noise(x0, noise, t_rows)
+            with nvtx_range("train: loss fwd"):
+                loss = F.mse_loss(mo.float(), noise.float(), reduction="mean")
+            with nvtx_range("train: loss bwd"):
+                loss.backward()
             mo.grad = None
             return xt
         return train
