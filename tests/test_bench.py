@@ -1,0 +1,212 @@
+"""`python -m ddpm_fast bench`: the run, its JSON, its plot, and the benchmark suite's collection.
+
+These protect the tooling (every provider of the table runs or says why not, the figures are
+consistent with each other), not the speed: no timing threshold is asserted here.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddpm_fast import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--shapes", "8x2", "4x2x4x4", "--repeats", "3", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = out / "bench.json"
+    t0 = time.perf_counter()
+    rc = bench.main(["--quick", "--device", "cpu", "--json", str(path), *TINY])
+    elapsed = time.perf_counter() - t0
+    assert rc == 0
+    with open(path) as f:
+        return json.load(f), elapsed, out
+
+
+def test_quick_json_has_the_expected_keys(quick_run):
+    data, _, _ = quick_run
+    for key in ("schema", "created", "machine", "settings", "copy", "traffic", "ops", "results", "targets"):
+        assert key in data, key
+    m = data["machine"]
+    for key in ("device", "device_name", "torch", "threads", "cpu_count", "backends"):
+        assert key in m, key
+    assert m["device"] == "cpu" and m["torch"] == torch.__version__
+    assert data["copy"]["gbps"] > 0 and data["copy"]["bytes"] > 0
+    assert set(data["traffic"]) == set(bench.OPS)
+
+
+def test_quick_covers_every_op_provider_shape(quick_run):
+    data, _, _ = quick_run
+    seen = {(r["op"], tuple(r["shape"]), r["dtype"], r["provider"]) for r in data["results"]}
+    for op in bench.OPS:
+        for shape in ((8, 2), (4, 2, 4, 4)):
+            for provider in bench.PROVIDERS[op]:
+                assert (op, shape, "fp32", provider) in seen, (op, shape, provider)
+    for r in data["results"]:
+        assert r["status"] in ("ok", "skipped"), f"{r['op']} {r['provider']}: {r.get('reason')}"
+        if r["status"] == "skipped":
+            assert r["reason"], r
+
+
+def test_quick_measures_the_baselines_and_reference(quick_run):
+    """The eager reference and the users' baselines must run here (diffusers is a test dependency)."""
+    data, _, _ = quick_run
+    ok = {(r["op"], r["provider"]) for r in data["results"] if r["status"] == "ok"}
+    for op in bench.OPS:
+        assert (op, "reference") in ok, op
+    for op, provider in [("gaussian_noise", "torch.randn"), ("q_sample", "randn_like+add_noise"),
+                         ("ddpm_step", "diffusers DDPM.step"), ("ddim_step", "diffusers DDIM.step"),
+                         ("train", "randn+add_noise+mse+bwd")]:
+        assert (op, provider) in ok, (op, provider)
+
+
+def test_quick_figures_are_consistent(quick_run):
+    data, _, _ = quick_run
+    copy = data["copy"]["gbps"]
+    groups = {}
+    for r in data["results"]:
+        if r["status"] != "ok":
+            continue
+        assert r["bytes"] == bench.op_bytes(r["op"], r["shape"], bench.DTYPES[r["dtype"]])
+        assert r["ms"] > 0 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert math.isclose(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(r["pct_copy"], 100 * r["gbps"] / copy, rel_tol=1e-9)
+        groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
+    for rows in groups.values():
+        best = [r for r in rows if r.get("best") == r["provider"]]
+        assert len(best) == 1
+        assert best[0]["speedup"] == 1.0
+        if any(r["kind"] == "library" for r in rows):
+            assert best[0]["kind"] == "library"
+        for r in rows:
+            assert math.isclose(r["speedup"], r["ms"] / best[0]["ms"], rel_tol=1e-9)
+
+
+def test_quick_is_quick(quick_run):
+    _, elapsed, _ = quick_run
+    assert elapsed < 60, f"bench --quick on tiny shapes took {elapsed:.1f} s"
+
+
+def test_traffic_table():
+    n = 64 * 3 * 32 * 32
+    assert bench.op_bytes("q_sample", (64, 3, 32, 32), torch.float32) == 2 * n * 4
+    assert bench.op_bytes("q_sample", (64, 3, 32, 32), torch.bfloat16) == 2 * n * 2
+    assert bench.op_bytes("ddpm_step", (64, 3, 32, 32), torch.float32) == 3 * n * 4
+    assert bench.op_bytes("gaussian_noise", (10, 2), torch.float32) == 20 * 4
+    assert bench.op_bytes("train", (10, 2), torch.float32) == 7 * 20 * 4
+    assert bench.op_bytes("copy", (10, 2), torch.float32) == 2 * 20 * 4
+
+
+def test_table_prints_every_row(quick_run):
+    data, _, _ = quick_run
+    text = bench.format_table(data)
+    assert "copy bandwidth" in text
+    for op in bench.OPS:
+        assert op in text
+    assert text.count("best") >= len(bench.OPS)
+
+
+def test_time_fn_measures_what_it_runs():
+    def sleepy():
+        time.sleep(0.002)
+    tm = bench.time_fn(sleepy, "cpu", warmup=1, repeats=3, min_sample_s=0.0, budget_s=1.0)
+    assert 0.0019 < tm["median_s"] < 0.05
+
+
+def test_round_robin_keeps_ratios():
+    fast = lambda: time.sleep(0.001)  # noqa: E731
+    slow = lambda: time.sleep(0.004)  # noqa: E731
+    tms = bench.time_group({"fast": fast, "slow": slow}, "cpu", warmup=1, repeats=3, min_sample_s=0.0)
+    assert tms["slow"]["median_s"] > 2 * tms["fast"]["median_s"]
+
+
+def test_unavailable_providers_skip_with_a_reason():
+    with pytest.raises(bench.ProviderSkip, match="interpreter"):
+        bench.make_runner("q_sample", "triton", (4, 2), torch.float32, "cpu")
+    av = bench.machine_info("cpu")["backends"]["native"]["available"].get("cpu")
+    if not av:
+        with pytest.raises(bench.ProviderSkip, match="native"):
+            bench.make_runner("q_sample", "native", (4, 2), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="provider"):
+        bench.make_runner("vlb_loss", "torch.randn", (4, 2), torch.float32, "cpu")
+
+
+def test_runners_compute_the_op():
+    """The reference runner of q_sample returns x_t of the sample's shape, the same as the public op."""
+    from ddpm_fast import NoiseSchedule, q_sample
+    run = bench.make_runner("q_sample", "reference", (4, 2, 3), torch.float32, "cpu")
+    out = run()
+    d = bench._inputs("q_sample", (4, 2, 3), torch.float32, torch.device("cpu"))
+    want = q_sample(d["x0"], d["t_rows"], NoiseSchedule.from_name("linear"), seed=bench.SEED, offset=bench.OFFSET,
+                    backend="reference")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def _small_json(path):
+    rows = []
+    for op, scale in (("q_sample", 1.0), ("ddpm_step", 2.0)):
+        for numel, ms in ((1000, 0.01), (100000, 0.2)):
+            for provider, f in (("reference", 1.0), ("native", 0.1)):
+                nbytes = bench.op_bytes(op, (numel,), torch.float32)
+                t = ms * f * scale
+                rows.append({"op": op, "shape": [numel], "numel": numel, "dtype": "fp32", "provider": provider,
+                             "kind": "library" if provider == "native" else "baseline", "bytes": nbytes,
+                             "status": "ok", "ms": t, "gbps": nbytes / (t * 1e-3) / 1e9, "pct_copy": 1.0})
+    rows.append({"op": "q_sample", "shape": [10], "numel": 10, "dtype": "fp32", "provider": "triton",
+                 "kind": "library", "bytes": 80, "status": "skipped", "reason": "no"})
+    data = {"machine": {"device": "cpu", "device_name": "test", "torch": "x", "threads": 1},
+            "copy": {"gbps": 20.0, "bytes": 1}, "created": "now", "results": rows}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_plot_from_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    src, png = tmp_path / "small.json", tmp_path / "out" / "plot.png"
+    _small_json(src)
+    assert bench.main(["--plot", str(png), "--from-json", str(src)]) == 0
+    with open(png, "rb") as f:
+        head = f.read(8)
+    assert head == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 10_000
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(png))
+    assert img.shape[0] > 200 and img.shape[1] > 400
+
+
+def test_plot_from_a_real_run(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, out = quick_run
+    png = tmp_path / "run.png"
+    assert bench.main(["--plot", str(png), "--from-json", str(out / "bench.json")]) == 0
+    assert os.path.getsize(png) > 10_000
+
+
+def test_from_json_needs_plot(tmp_path, capsys):
+    assert bench.main(["--from-json", str(tmp_path / "x.json")]) == 2
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, "-m", "ddpm_fast", "bench", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--quick" in r.stdout and "--plot" in r.stdout and "--json" in r.stdout
+
+
+def test_benchmark_suite_collects():
+    """benchmarks/ (pytest-benchmark, outside the default run) imports and parametrises."""
+    pytest.importorskip("pytest_benchmark")
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "--bench-device", "cpu", "--bench-dtype", "fp32"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    n_ops = sum(len(p) for p in bench.PROVIDERS.values()) * len(bench.DEFAULT_SHAPES)
+    assert f"{n_ops + len(bench.DEFAULT_SHAPES) + 1} tests collected" in r.stdout, r.stdout[-500:]
