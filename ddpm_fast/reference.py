@@ -152,14 +152,17 @@ def clip_x0(x0_hat, clip_sample_range: float):
 
 def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile with linear interpolation, as torch.quantile (NaN in a row gives NaN),
-    via a sort so rows past 2^24 elements work."""
+    via a sort so rows past 2^24 elements work. Unlike torch.quantile, two equal infinite
+    neighbours give that infinity (torch.quantile gives NaN), so a zero-SNR epsilon step under
+    thresholding stays finite (§1)."""
     n = x2d.shape[1]
     srt = torch.sort(x2d, dim=1).values
     pos = q * (n - 1)
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
     weight = torch.full((x2d.shape[0],), pos - lo, dtype=x2d.dtype, device=x2d.device)
-    val = torch.lerp(srt[:, lo], srt[:, hi], weight)
+    # equal neighbours (both +inf under a zero-SNR epsilon step) give that value, not inf - inf = NaN
+    val = torch.where(srt[:, lo] == srt[:, hi], srt[:, lo], torch.lerp(srt[:, lo], srt[:, hi], weight))
     has_nan = torch.isnan(x2d).any(dim=1)
     return torch.where(has_nan, torch.full_like(val, float("nan")), val)
 
