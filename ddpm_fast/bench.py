@@ -746,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include reference+compile (default on, off with --quick)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 15; --quick 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 15; --quick 7)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: the cores this process may use)")
@@ -789,15 +789,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         shapes = list(DEFAULT_SHAPES) + ([CUDA_LARGE_SHAPE] if device.type == "cuda" else [])
     compile_ = (not quick) if args.compile is None else args.compile
-    repeats = args.repeats or (5 if quick else 15)
+    repeats = args.repeats or (7 if quick else 15)
     warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
-    budget_s = 0.6 if quick else 3.0
+    budget_s = 1.5 if quick else 3.0
 
     def log(s):
         print(s, file=sys.stderr, flush=True)
 
     data = run_benchmarks(ops, shapes, dtypes, device, providers=args.providers, compile=compile_, warmup=warmup,
-                          repeats=repeats, min_sample_s=1e-3 if quick else 2e-3, budget_s=budget_s, log=log)
+                          repeats=repeats, min_sample_s=2e-3, budget_s=budget_s, log=log)
     data["settings"]["quick"] = quick
     data["argv"] = list(argv if argv is not None else sys.argv[1:])
     data["targets"] = check_targets(data)
