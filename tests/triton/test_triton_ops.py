@@ -576,3 +576,42 @@ def test_int64_indexing_past_2_31_elements():
     abar = float(SCHEDULE.alphas_cumprod[999])
     want = normals_at_reference(idx, 3, 1) * math.sqrt(1 - abar)
     assert_close("q_sample", x_t[0, idx.to(DEVICE)].float(), want, torch.float16)
+
+
+@gpu
+def test_opcheck_triton_ops():
+    """torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch."""
+    abar = SCHEDULE.table(DEVICE)
+    mo, xt = _ddpm_inputs("fixed_small", None)
+    seed, off, t = T(3), T(4), T(500, 20)
+    O = torch.ops.ddpm_fast_triton
+    torch.library.opcheck(O.q_sample, (xt, t, abar, None, seed, off))
+    torch.library.opcheck(O.ddpm_step, (mo, t, t - 1, xt, abar, None, seed, off, "epsilon", "fixed_small", True, 1.0,
+                                        False, 0.995, 1.0, None, True))
+    torch.library.opcheck(O.ddim_step, (mo, t, t - 10, xt, abar, None, seed, off, 0.5, "epsilon", False, 1.0, True,
+                                        1.0, False, 0.995, 1.0, None, False))
+    torch.library.opcheck(O.diffusion_loss, (mo.requires_grad_(), xt, t, abar, None, seed, off, "epsilon", 5.0))
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled path, without a GPU: every kernel compiled for sm_90 and its PTX inspected
+# --------------------------------------------------------------------------------------------
+def test_kernels_compile_for_sm90():
+    """tests/triton/compile_sm90.py in a process without TRITON_INTERPRET: the interpreter runs the
+    kernels' Python, so this is what catches type errors of the compiled path and approximate
+    transcendental instructions (tl.sqrt/tl.exp lower to sqrt/ex2.approx; the kernels call
+    libdevice and sqrt_rn instead)."""
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"triton's NVIDIA backend is not installed: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
+    r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "ptxas" in (r.stderr + r.stdout) and "not found" in (r.stderr + r.stdout):
+        pytest.skip("ptxas is not available to compile for sm_90")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all kernels compiled for sm_90" in r.stdout
