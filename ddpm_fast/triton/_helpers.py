@@ -50,7 +50,6 @@ NOISE_NONE, NOISE_TENSOR, NOISE_SEED = 0, 1, 2
 # (untuned) configuration used on CUDA where autotuning is unsafe (in-place updates).
 INTERPRET_MAX_BLOCK = 1024
 PLAIN_BLOCK = 1024
-PLAIN_WARPS = 4
 MIN_TUNED_BLOCK = 512
 
 
@@ -69,12 +68,14 @@ def interpret_block(row_len: int) -> int:
     return max(16, min(INTERPRET_MAX_BLOCK, triton.next_power_of_2(max(row_len, 1))))
 
 
-def maybe_autotune(fn, *, key=("B", "N")):
-    """``@triton.autotune`` keyed on the row count and length (the element count) on CUDA; ``None``
-    under the interpreter (autotuning is off there: a fixed block is used)."""
+def maybe_autotune(fn):
+    """``@triton.autotune`` keyed on the row count and length (the element count) and on the
+    kernel's constexpr variant flags (the autotuner's cache key holds only the listed arguments and
+    the tensors' dtypes) on CUDA; ``None`` under the interpreter (autotuning is off: fixed block)."""
     if INTERPRET:
         return None
-    return triton.autotune(configs=autotune_configs(), key=list(key))(fn)
+    flags = [p.name for p in fn.params if p.is_constexpr and p.name != "BLOCK"]
+    return triton.autotune(configs=autotune_configs(), key=["B", "N", *flags])(fn)
 
 
 def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bool, args, kwargs):
@@ -84,8 +85,7 @@ def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bo
     if INTERPRET or tuned is None or not allow_tune:
         block = interpret_block(N) if INTERPRET else PLAIN_BLOCK
         grid = (B * triton.cdiv(N, block),)
-        extra = {} if INTERPRET else {"num_warps": PLAIN_WARPS}
-        _wrap(plain)[grid](*args, **kwargs, BLOCK=block, **extra)
+        _wrap(plain)[grid](*args, **kwargs, BLOCK=block)   # Triton's default num_warps=4
         return block
     grid = lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
     _wrap(tuned)[grid](*args, **kwargs)
@@ -306,10 +306,19 @@ def f64_from_pair(hi, lo):
 
 
 @triton.jit
-def abar_at(abar_ptr, t, past_end):
-    """abar[t] in float64, ``past_end`` where t < 0."""
-    a = tl.load(abar_ptr + tl.maximum(t, 0))
-    return tl.where(t >= 0, a, past_end)
+def abar_at(abar_ptr, t, past_end, T):
+    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0, NaN where t >= T (a
+    device-tensor timestep out of range poisons its row instead of reading out of bounds; the
+    host-side check is ops.py's, opt-in for device tensors)."""
+    a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
+    return tl.where(t < 0, past_end, tl.where(t < T, a, float("nan")))
+
+
+@triton.jit
+def abar_of(abar_ptr, t, T):
+    """abar[t] in float64, NaN unless 0 <= t < T."""
+    a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
+    return tl.where((t >= 0) & (t < T), a, float("nan"))
 
 
 # --------------------------------------------------------------------------------------------

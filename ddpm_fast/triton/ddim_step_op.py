@@ -21,7 +21,7 @@ from . import _helpers as H
 
 @triton.jit
 def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr, noise_ptr, seed_ptr,
-                      offset_ptr, thr_ptr, B, N, clip_range, guidance_scale, eta_hi, eta_lo, final_hi, final_lo,
+                      offset_ptr, thr_ptr, B, N, T, clip_range, guidance_scale, eta_hi, eta_lo, final_hi, final_lo,
                       PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, GUIDANCE: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
                       ALIGNED: tl.constexpr, RAW_X0: tl.constexpr, WRITE_X0: tl.constexpr,
@@ -29,12 +29,12 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     row, blk, cols, mask = H.row_and_block(N, BLOCK)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
-    abar = H.abar_at(abar_ptr, t, 1.0)
+    abar = H.abar_of(abar_ptr, t, T)
     # Python floats reach kernels as fp32: eta and final_alpha_cumprod travel as (hi, lo) fp32 pairs
     # and are rebuilt in float64 (fp32 alone would put 6e-8 relative error on abar_prev, i.e. up to
     # ~6e-4 on 1 - abar_prev near t = 0)
     eta = H.f64_from_pair(eta_hi, eta_lo)
-    abar_prev = H.abar_at(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo))
+    abar_prev = H.abar_at(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 
@@ -89,7 +89,8 @@ def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, o
     common = dict(PRED=H.PRED_CODES[prediction_type], CLIP=bool(clip_sample), THRESH=bool(thresholding),
                   GUIDANCE=guidance_scale is not None, USE_CLIPPED=bool(use_clipped_model_output),
                   NOISE_MODE=mode, PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev))
-    scalars = (B, N, float(clip_sample_range), float(guidance_scale) if guidance_scale is not None else 0.0,
+    scalars = (B, N, alphas_cumprod.numel(), float(clip_sample_range),
+               float(guidance_scale) if guidance_scale is not None else 0.0,
                *H.fp32_pair(eta), *H.fp32_pair(final_alpha_cumprod))
     ptrs = (noise if noise is not None else H.dummy(dev), seed if seed is not None else i64,
             offset if offset is not None else i64)

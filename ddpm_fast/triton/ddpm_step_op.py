@@ -27,7 +27,7 @@ from . import _helpers as H
 
 @triton.jit
 def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr, noise_ptr, seed_ptr,
-                      offset_ptr, thr_ptr, B, N, clip_range, guidance_scale,
+                      offset_ptr, thr_ptr, B, N, T, clip_range, guidance_scale,
                       PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr,
                       GUIDANCE: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
                       ALIGNED: tl.constexpr, RAW_X0: tl.constexpr, WRITE_X0: tl.constexpr,
@@ -36,8 +36,8 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
     # per-row coefficients in float64 (REFERENCE §1), rounded to fp32 for the element math
-    abar = H.abar_at(abar_ptr, t, 1.0)
-    abar_prev = H.abar_at(abar_ptr, prev_t, 1.0)
+    abar = H.abar_of(abar_ptr, t, T)
+    abar_prev = H.abar_at(abar_ptr, prev_t, 1.0, T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 
@@ -108,12 +108,13 @@ def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, o
         raw = torch.empty((B, N), device=dev, dtype=torch.float32)
         H.launch(_ddpm_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=True,
                  args=(mo, xt, raw, raw, t, prev_t, alphas_cumprod, ptrs["noise"], ptrs["seed"], ptrs["offset"],
-                       thr, B, N, float(clip_sample_range), gscale),
+                       thr, B, N, alphas_cumprod.numel(), float(clip_sample_range), gscale),
                  kwargs=dict(common, RAW_X0=True, WRITE_X0=False))
         thr = H.row_quantile(raw.abs(), dynamic_thresholding_ratio).clamp(1.0, sample_max_value).contiguous()
     H.launch(_ddpm_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=allow_tune,
              args=(mo, xt, out, x0_hat if return_x0 else H.dummy(dev), t, prev_t, alphas_cumprod, ptrs["noise"],
-                   ptrs["seed"], ptrs["offset"], thr, B, N, float(clip_sample_range), gscale),
+                   ptrs["seed"], ptrs["offset"], thr, B, N, alphas_cumprod.numel(), float(clip_sample_range),
+                   gscale),
              kwargs=dict(common, RAW_X0=False, WRITE_X0=bool(return_x0)))
     return x0_hat
 

@@ -51,12 +51,12 @@ def _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET: tl.constexpr):
 
 @triton.jit
 def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, partial_ptr, w_ptr,
-                     B, N, P, snr_gamma,
+                     B, N, P, T, snr_gamma,
                      TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
                      PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
                      BLOCK: tl.constexpr):
     row, blk, cols, mask = H.row_and_block(N, BLOCK)
-    abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -74,14 +74,14 @@ def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offse
 
 @triton.jit
 def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, out_ptr,
-                     B, N, inv_n, snr_gamma,
+                     B, N, T, inv_n, snr_gamma,
                      TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
                      PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
                      BLOCK: tl.constexpr):
     """d loss_b / d model_output = grad_b * w_b * 2 (model_output - target) / N, the noise
     regenerated from (seed, offset)."""
     row, blk, cols, mask = H.row_and_block(N, BLOCK)
-    abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -122,6 +122,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     weights = torch.empty((B,), device=dev, dtype=torch.float32)
     H.launch(_loss_fwd_kernel, _tuned_fwd, B=B, N=N, device=dev, allow_tune=True,
              args=(mo, x0c, t, alphas_cumprod, *_noise_ptrs(noise, seed, offset, dev), partials, weights, B, N, P,
+                   alphas_cumprod.numel(),
                    float(snr_gamma) if snr_gamma is not None else 0.0),
              kwargs=dict(TARGET=TARGET_CODES[target], SNR=snr_gamma is not None, NOISE_MODE=mode,
                          PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev)))
@@ -148,7 +149,7 @@ def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: 
     mode, per_row, aligned, noise = H.noise_flags(noise, seed, B, N)
     H.launch(_loss_bwd_kernel, _tuned_bwd, B=B, N=N, device=dev, allow_tune=True,
              args=(grad.contiguous(), mo, x0c, t, alphas_cumprod, *_noise_ptrs(noise, seed, offset, dev), out, B, N,
-                   1.0 / N, float(snr_gamma) if snr_gamma is not None else 0.0),
+                   alphas_cumprod.numel(), 1.0 / N, float(snr_gamma) if snr_gamma is not None else 0.0),
              kwargs=dict(TARGET=TARGET_CODES[target], SNR=snr_gamma is not None, NOISE_MODE=mode,
                          PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev)))
     return out

@@ -13,11 +13,11 @@ from . import _helpers as H
 
 
 @triton.jit
-def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, B, N,
+def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, B, N, T,
                      NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
                      USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
     row, blk, cols, mask = H.row_and_block(N, BLOCK)
-    abar = tl.load(abar_ptr + tl.load(t_ptr + row))                     # float64
+    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)                # float64
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -43,7 +43,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
     H.launch(_q_sample_kernel, _tuned, B=B, N=N, device=dev, allow_tune=True,
              args=(x0c, out, t, alphas_cumprod, noise if noise is not None else H.dummy(dev),
                    seed if seed is not None else H.dummy(dev, torch.int64),
-                   offset if offset is not None else H.dummy(dev, torch.int64), B, N),
+                   offset if offset is not None else H.dummy(dev, torch.int64), B, N,
+                   alphas_cumprod.numel()),
              kwargs=dict(NOISE_MODE=mode, PER_ROW_SEED=per_row, ALIGNED=aligned,
                          USE_LIBDEVICE=H.use_libdevice(dev)))
     return out
