@@ -478,6 +478,10 @@ def machine_info(device) -> dict:
         "platform": platform.platform(),
     }
     try:
+        info["load_average"] = list(os.getloadavg())  # other jobs on the machine while this ran
+    except (AttributeError, OSError):
+        pass
+    try:
         from . import __version__
         info["ddpm_fast"] = __version__
     except Exception:
@@ -651,7 +655,10 @@ def check_targets(data: dict) -> List[dict]:
 def format_table(data: dict) -> str:
     copy = data["copy"]
     m = data["machine"]
-    lines = [f"ddpm_fast bench: {m['device']} ({m['device_name']}), torch {m['torch']}, {m['threads']} threads",
+    load = m.get("load_average")
+    load_txt = f", load average {load[0]:.1f} (other jobs)" if load else ""
+    lines = [f"ddpm_fast bench: {m['device']} ({m['device_name']}), torch {m['torch']}, {m['threads']} threads"
+             f"{load_txt}",
              f"copy bandwidth {copy['gbps']:.2f} GB/s (dst.copy_(src), {copy['bytes'] / 2**20:.0f} MiB moved; "
              f"{copy.get('gbps_before', copy['gbps']):.1f} before, {copy.get('gbps_after', copy['gbps']):.1f} after "
              "the run, the larger is the ceiling)",
@@ -752,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include reference+compile (default on, off with --quick)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 15; --quick 7)")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 25; --quick 15)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: the cores this process may use)")
@@ -784,6 +791,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except AttributeError:
             threads = os.cpu_count() or 1
     torch.set_num_threads(max(1, threads))
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    if device.type == "cpu" and threads > 1 and load > (os.cpu_count() or 1) - 0.5:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: with {threads} threads a parallel "
+              "region can wait a whole time slice for a descheduled thread; --threads 1 gives steadier ratios",
+              file=sys.stderr)
 
     quick = args.quick
     ops = args.ops or list(OPS)
@@ -795,7 +810,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         shapes = list(DEFAULT_SHAPES) + ([CUDA_LARGE_SHAPE] if device.type == "cuda" else [])
     compile_ = (not quick) if args.compile is None else args.compile
-    repeats = args.repeats or (7 if quick else 15)
+    # Short samples on CPU: a parallel region on a loaded machine now and then waits a whole
+    # time slice for a descheduled thread, and the median is robust to that only when most samples
+    # hold no such call. On CUDA a sample spans enough launches to hide the synchronize.
+    repeats = args.repeats or (15 if quick else 25)
+    min_sample_s = 2e-3 if device.type == "cuda" else 2e-4
     warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
     budget_s = 1.5 if quick else 3.0
 
@@ -803,7 +822,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(s, file=sys.stderr, flush=True)
 
     data = run_benchmarks(ops, shapes, dtypes, device, providers=args.providers, compile=compile_, warmup=warmup,
-                          repeats=repeats, min_sample_s=2e-3, budget_s=budget_s, log=log)
+                          repeats=repeats, min_sample_s=min_sample_s, budget_s=budget_s, log=log)
     data["settings"]["quick"] = quick
     data["argv"] = list(argv if argv is not None else sys.argv[1:])
     data["targets"] = check_targets(data)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, TypeVar
 
 import torch
 
-__all__ = ["profiling", "nvtx_range", "range_for_op", "is_enabled", "set_enabled", "status"]
+__all__ = ["profiling", "nvtx_range", "range_for_op", "is_enabled", "set_enabled", "status", "range_names"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -37,6 +37,7 @@ _ENV_VAR = "DDPM_FAST_NVTX"
 _enabled: bool = os.environ.get(_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
 _nvtx_ok: Optional[bool] = None        # None: not tried yet; False: torch.cuda.nvtx raised once
 _nvtx_reason: str = "not tried yet"
+_range_names: set = set()              # names of the ranges emitted so far (profile tells them from ops)
 
 
 def _is_compiling() -> bool:
@@ -59,6 +60,11 @@ def set_enabled(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
+
+
+def range_names() -> frozenset:
+    """The names of every range emitted (while profiling was on) in this process."""
+    return frozenset(_range_names)
 
 
 def status() -> dict:
@@ -105,6 +111,7 @@ class nvtx_range(contextlib.ContextDecorator):
     def __enter__(self):
         if not _enabled or _is_compiling():
             return self
+        _range_names.add(self.name)
         self._pushed = _nvtx_push(self.name)
         self._record = torch.autograd.profiler.record_function(self.name)
         self._record.__enter__()

@@ -28,6 +28,7 @@ import torch
 
 from . import bench
 from .nvtx import nvtx_range, profiling
+from .nvtx import range_names as nvtx_range_names
 
 __all__ = ["PROFILE_OPS", "profile_op", "main"]
 
@@ -114,11 +115,12 @@ def profile_op(op: str, provider: str, shape: Tuple[int, ...], dtype: torch.dtyp
     prof.export_chrome_trace(trace)
 
     on_gpu = device.type == "cuda"
+    ranges = nvtx_range_names()
     entries = []
     for ev in prof.key_averages():
         name = ev.key
-        if name.startswith("[") or name.startswith("ProfilerStep"):
-            continue
+        if name in ranges or name.startswith("ProfilerStep"):
+            continue  # our own ranges: they organise the trace, they are not work
         self_us = _time(ev, "self_device_time_total", "self_cuda_time_total") if on_gpu \
             else _time(ev, "self_cpu_time_total", "self_cpu_time_total")
         if self_us <= 0:
@@ -131,7 +133,9 @@ def profile_op(op: str, provider: str, shape: Tuple[int, ...], dtype: torch.dtyp
         per_run_s = e["self_us_total"] / iters * 1e-6
         e["us_per_run"] = per_run_s * 1e6
         e["pct_of_total"] = 100.0 * e["self_us_total"] / total_us
-        e["gbps_star"] = bytes_per_run / per_run_s / 1e9 if per_run_s > 0 else None
+        # GB/s* only where an entry carries a real share of the op (else it is a tiny
+        # bookkeeping op and the figure means nothing)
+        e["gbps_star"] = bytes_per_run / per_run_s / 1e9 if per_run_s > 0 and e["pct_of_total"] >= 10 else None
         e["pct_copy_star"] = 100.0 * e["gbps_star"] / copy_gbps if e["gbps_star"] else None
     return {
         "op": op, "provider": provider, "shape": list(shape), "dtype": bench.dtype_name(dtype), "device": device.type,
