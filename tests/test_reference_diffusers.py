@@ -362,3 +362,19 @@ def test_ddim_step_schedules(name, set_alpha_to_one, spacing, offset, n):
             mo = _f32(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64))
             noise = _f32(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64))
             _check_ddim(sched, ours, mo, t, prev, x, noise, pred, 0.8, True, final, clipkw, f"[{name}]")
+
+
+def test_fixed_large_log_is_fixed_large():
+    """§7: diffusers' fixed_large_log square-roots a log-variance (NaN); ours equals fixed_large."""
+    _, ours = _schedule_args("linear")
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    mo = torch.randn(2, 3, 4, 4, generator=g)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for t in (500, 1):
+        a = ddpm_fast.ddpm_step(mo, t, x, ours, variance_type="fixed_large_log", noise=noise, backend=B)
+        b = ddpm_fast.ddpm_step(mo, t, x, ours, variance_type="fixed_large", noise=noise, backend=B)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        d = diffusers.DDPMScheduler(variance_type="fixed_large_log").step(
+            mo, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.isnan(d).all()
