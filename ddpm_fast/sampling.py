@@ -1,0 +1,279 @@
+"""The whole reverse loop: :func:`sample` (DDPM or DDIM, any step count, no host sync per step,
+the loop body captured in a CUDA graph on CUDA).
+
+How the model is called: ``model(x, t)`` with ``x`` the current sample (``shape``, ``dtype``, on
+``device``) and ``t`` a ``(B,)`` int64 tensor on the same device holding the ORIGINAL training
+timesteps (for a respaced :class:`~ddpm_fast.NoiseSchedule`, ``schedule.timestep_map[t]``). The
+model returns a tensor of ``x``'s shape (twice its channels for learned-variance types), or an
+object with a ``.sample`` tensor (a diffusers ``UNet2DModel`` output), or a tuple whose first item
+is that tensor.
+
+Classifier-free guidance: with ``guidance=w`` the model is called once per step on ``2B`` rows,
+``model(cat([x, x]), cat([t, t]))``; the first ``B`` rows must be its unconditional prediction and
+the last ``B`` its conditional one (diffusers' order), e.g.
+``lambda x, t: unet(x, t, class_labels=cat([null_labels, labels])).sample``. The step combines them
+as ``uncond + w (cond - uncond)`` inside the fused kernel (learned-variance channels from the
+conditional half).
+
+Noise: ``seed`` (an int) gives the §3 noise: ``x_T`` at offset 0 and step ``i`` at offset
+``1 + i`` (a device int64 tensor incremented in place, so a CUDA-graph replay draws fresh noise);
+row ``b`` does not depend on the batch size. ``generator`` (or a list, one per row) draws ``x_T``
+and the step noise exactly as diffusers' ``DDPMPipeline``/``DDIMPipeline`` do (then there is no
+CUDA graph). Neither: a seed drawn from torch's global CPU generator.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .schedule import NoiseSchedule, space_timesteps
+from .schedulers import (DDIMScheduler, DDPMScheduler, USING_DIFFUSERS, _draw_seed, _norm_device,
+                         learned_variance_to_log, randn_like_diffusers)
+
+__all__ = ["sample"]
+
+
+class _Plan:
+    """What the loop needs from a scheduler or a bare schedule, resolved once on the host."""
+
+    def __init__(self, scheduler_or_schedule, num_inference_steps, eta, device):
+        self.kind = "ddpm"
+        self.final_abar = 1.0
+        if USING_DIFFUSERS and not isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler, NoiseSchedule)):
+            scheduler_or_schedule = _from_diffusers(scheduler_or_schedule)
+        if isinstance(scheduler_or_schedule, NoiseSchedule):
+            sched = scheduler_or_schedule
+            self.schedule = sched
+            T = sched.num_timesteps
+            n = T if num_inference_steps is None else num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+                raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
+            self.timesteps = sorted(space_timesteps(T, str(n)), reverse=True)
+            self.opts = dict(prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
+                             dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+            self.variance_type = "fixed_small"
+            self.timestep_map = sched.timestep_map
+        elif isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler)):
+            s = scheduler_or_schedule
+            self.schedule = s.schedule
+            if isinstance(s, DDIMScheduler):
+                self.kind = "ddim"
+                if num_inference_steps is None:
+                    raise ValueError("num_inference_steps is required with a DDIMScheduler")
+                s.set_timesteps(num_inference_steps)
+                self.final_abar = s._final_abar
+            else:
+                if num_inference_steps is None:
+                    num_inference_steps = s.config.num_train_timesteps
+                s.set_timesteps(num_inference_steps)
+                self.variance_type = s.config.variance_type
+            self.timesteps = [int(t) for t in s.timesteps.tolist()]
+            c = s.config
+            self.opts = dict(prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
+                             clip_sample_range=float(c.clip_sample_range), thresholding=bool(c.thresholding),
+                             dynamic_thresholding_ratio=float(c.dynamic_thresholding_ratio),
+                             sample_max_value=float(c.sample_max_value))
+            self.timestep_map = self.schedule.timestep_map
+        else:
+            raise TypeError("scheduler_or_schedule must be a ddpm_fast.DDPMScheduler, DDIMScheduler or NoiseSchedule, "
+                            f"got {type(scheduler_or_schedule).__name__}")
+        eta = ops._check_float("eta", eta, low=0.0, high=1.0)
+        if self.kind == "ddpm" and eta != 0.0:
+            raise ValueError(f"eta applies to DDIM only; got eta={eta} with a DDPM scheduler")
+        self.eta = eta
+        self.prev = [self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1 for i in range(len(self.timesteps))]
+
+    def needs_noise(self, t: int) -> bool:
+        return t > 0 if self.kind == "ddpm" else self.eta > 0
+
+
+def _from_diffusers(s):
+    """A diffusers DDPMScheduler/DDIMScheduler: use ours built from its config."""
+    name = type(s).__name__
+    if name == "DDPMScheduler":
+        return DDPMScheduler.from_config(s.config)
+    if name == "DDIMScheduler":
+        return DDIMScheduler.from_config(s.config)
+    return s
+
+
+def _model_device(model) -> Optional[torch.device]:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+def _unwrap(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model must return a tensor, an object with .sample, or a tuple; got {type(out).__name__}")
+
+
+def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inference_steps: Optional[int] = None,
+           *, eta: float = 0.0, seed: Optional[int] = None, generator=None, device=None,
+           dtype: torch.dtype = torch.float32, guidance: Optional[float] = None, progress: bool = True,
+           callback: Optional[Callable] = None, return_trajectory: bool = False,
+           cuda_graph: Union[str, bool] = "auto"):
+    """Run the reverse process from ``x_T ~ N(0, I)`` to ``x_0``; returns ``x_0`` (and, with
+    ``return_trajectory=True``, a ``(n + 1, *shape)`` tensor of ``x_T`` and every step's output).
+
+    ``scheduler_or_schedule``: a :class:`DDPMScheduler` (ancestral DDPM steps, ``eta`` must be 0),
+    a :class:`DDIMScheduler` (``eta`` in [0, 1]) — their config gives the prediction type,
+    variance type, clipping and spacing, and ``set_timesteps(num_inference_steps)`` is called on
+    it — or a bare :class:`NoiseSchedule` (DDPM, epsilon prediction, ``fixed_small``, no clipping,
+    ``num_inference_steps`` evenly spaced timesteps as improved-diffusion's respacing; default
+    all). A diffusers DDPM/DDIM scheduler is converted to ours through its config.
+    See the module docstring for how the model is called, guidance, and the noise (``seed`` or
+    ``generator``). ``callback(i, t, x)`` runs after step ``i`` (``t`` a host int). ``progress``:
+    a tqdm bar. ``cuda_graph``: ``"auto"`` captures the loop body (model call + step) in a CUDA
+    graph on CUDA without a generator, falling back to eager if capture fails; ``True`` requires
+    it; ``False`` never. No host-device sync is made per step by the loop itself."""
+    plan = _Plan(scheduler_or_schedule, num_inference_steps, eta, device)
+    if seed is not None and generator is not None:
+        raise ValueError("give at most one of seed and generator")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if guidance is not None:
+        guidance = ops._check_float("guidance", guidance)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if device is None:
+        device = _model_device(model) or torch.device("cpu")
+    device = _norm_device(device)
+    B, n = shape[0], len(plan.timesteps)
+    C = shape[1] if len(shape) > 1 else 1
+    schedule = plan.schedule
+    schedule.table(device)
+
+    # x_T
+    if generator is not None:
+        x = randn_like_diffusers(shape, generator, device, dtype)
+    else:
+        if seed is None:
+            seed = _draw_seed()
+        x = ops.gaussian_noise(shape, seed, 0, device=device, dtype=dtype)
+    seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
+    offset_dev = torch.ones((), dtype=torch.int64, device=device)
+
+    # every step's timesteps, on the device once (rows of (B,) views, no per-step host copy)
+    ts = torch.tensor(plan.timesteps, dtype=torch.int64)
+    t_rows = ts.reshape(n, 1).expand(n, B).contiguous().to(device)
+    p_rows = torch.tensor(plan.prev, dtype=torch.int64).reshape(n, 1).expand(n, B).contiguous().to(device)
+    tmodel = plan.timestep_map[ts].reshape(n, 1).expand(n, B)
+    if guidance is not None:
+        tmodel = torch.cat([tmodel, tmodel], dim=1)
+    tmodel_rows = tmodel.contiguous().to(device)
+
+    def body(x_in: torch.Tensor, t, p, tm, draw: bool):
+        # draw: take this step's noise from the generator (diffusers' draw, in the output's dtype)
+        model_in = torch.cat([x_in, x_in], 0) if guidance is not None else x_in
+        out = _unwrap(model(model_in, tm))
+        noise = randn_like_diffusers(shape, generator, device, out.dtype) if draw else None
+        if plan.kind == "ddpm":
+            out = learned_variance_to_log(out, C, plan.variance_type)
+            kw = dict(noise=noise) if noise is not None else dict(seed=seed_dev, offset=offset_dev)
+            x_new = ops.ddpm_step(out, t, x_in, schedule, prev_t=p, variance_type=plan.variance_type,
+                                  guidance_scale=guidance, **kw, **plan.opts)
+        else:
+            kw = {}
+            if plan.eta > 0:
+                kw = dict(noise=noise) if noise is not None else dict(seed=seed_dev, offset=offset_dev)
+            x_new = ops.ddim_step(out, t, x_in, schedule, prev_t=p, eta=plan.eta,
+                                  final_alpha_cumprod=plan.final_abar, guidance_scale=guidance, **kw, **plan.opts)
+        offset_dev.add_(1)
+        return x_new
+
+    trajectory = [x.clone()] if return_trajectory else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, disable=not progress, desc="sampling", leave=False)
+
+    def after(i, x_cur):
+        if trajectory is not None:
+            trajectory.append(x_cur.clone())
+        if callback is not None:
+            callback(i, plan.timesteps[i], x_cur)
+        bar.update(1)
+
+    use_graph = (cuda_graph is True or cuda_graph == "auto") and device.type == "cuda" and generator is None
+    if cuda_graph is True and not use_graph:
+        raise ValueError("cuda_graph=True needs a CUDA device and no generator")
+    warm = min(n, 2) if use_graph else n
+    i = 0
+    try:
+        # eager steps (all of them without a graph; the warm-up before capture otherwise)
+        side = torch.cuda.Stream(device) if use_graph else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        ctx = torch.cuda.stream(side) if side is not None else _nullcontext()
+        with ctx:
+            while i < warm:
+                draw = generator is not None and plan.needs_noise(plan.timesteps[i])
+                with torch.no_grad():
+                    x = body(x, t_rows[i], p_rows[i], tmodel_rows[i], draw)
+                after(i, x)
+                i += 1
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+        if i < n:
+            x, i = _graph_loop(body, x, i, n, t_rows, p_rows, tmodel_rows, device, after, strict=cuda_graph is True)
+        # anything left (graph capture failed under "auto"): eager
+        while i < n:
+            with torch.no_grad():
+                x = body(x, t_rows[i], p_rows[i], tmodel_rows[i], False)
+            after(i, x)
+            i += 1
+    finally:
+        bar.close()
+    if return_trajectory:
+        return x, torch.stack(trajectory, 0)
+    return x
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, strict):
+    """Capture one loop body (model call + step) reading its step index from a device tensor,
+    then replay it for steps ``i0..n-1``. Returns ``(x, next_i)``; on a capture failure under
+    ``"auto"`` returns ``(x, i0)`` untouched (the caller finishes eagerly)."""
+    static_x = x.clone()
+    step_dev = torch.full((1,), i0, dtype=torch.int64, device=device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.no_grad(), torch.cuda.graph(graph):
+            t = t_rows.index_select(0, step_dev).reshape(-1)
+            p = p_rows.index_select(0, step_dev).reshape(-1)
+            tm = tmodel_rows.index_select(0, step_dev).reshape(-1)
+            x_new = body(static_x, t, p, tm, False)
+            static_x.copy_(x_new)
+            step_dev.add_(1)
+    except Exception:
+        if strict:
+            raise
+        torch.cuda.synchronize(device)
+        return x, i0
+    # capture recorded body's offset increment without running it: the replays do it
+    for i in range(i0, n):
+        graph.replay()
+        after(i, static_x)
+    return static_x, n
