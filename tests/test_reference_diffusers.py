@@ -38,7 +38,6 @@ import json
 import os
 import zlib
 
-import numpy as np
 import pytest
 import torch
 

@@ -15,7 +15,6 @@ float64 inputs: KL terms 2.9e-10 (asserted 1e-8), decoder NLL 1.6e-9 (asserted 1
 bins take the difference of two tanh-CDFs near 1, so one ulp of tanh becomes ~1e-8); fp32 inputs
 (fp32 per-element math from float64 coefficients): see ``TOL_FP32``, measured values beside it.
 """
-import math
 import os
 
 import numpy as np
