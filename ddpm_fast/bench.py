@@ -141,7 +141,20 @@ def _schedule():
     return NoiseSchedule.from_name("linear", 1000)
 
 
+_INPUT_CACHE: Dict[tuple, dict] = {}
+
+
 def _inputs(op: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
+    """The inputs of one (op, shape, dtype), shared by its providers (the last set is cached:
+    every provider of a group sees the same tensors, and 16M-element inputs are made once)."""
+    key = (op, tuple(shape), dtype, str(device))
+    if key not in _INPUT_CACHE:
+        _INPUT_CACHE.clear()
+        _INPUT_CACHE[key] = _make_inputs(op, shape, dtype, device)
+    return dict(_INPUT_CACHE[key])
+
+
+def _make_inputs(op: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     B = shape[0]
     x = torch.randn(shape, generator=g).clamp_(-1, 1)
