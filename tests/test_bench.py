@@ -210,3 +210,9 @@ def test_benchmark_suite_collects():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     n_ops = sum(len(p) for p in bench.PROVIDERS.values()) * len(bench.DEFAULT_SHAPES)
     assert f"{n_ops + len(bench.DEFAULT_SHAPES) + 1} tests collected" in r.stdout, r.stdout[-500:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_asked_for_without_cuda(capsys):
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -216,3 +216,9 @@ def test_cuda_bench_compiles_with_nvcc(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert exe.exists() and os.path.getsize(exe) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_profile_cuda_asked_for_without_cuda(tmp_path, capsys):
+    assert profile.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
