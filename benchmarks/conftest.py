@@ -46,3 +46,20 @@ def bench_device(request):
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda: no CUDA device")
     return device
+
+
+def pytest_collection_modifyitems(config, items):
+    """A bare ``pytest`` from the repository root would collect this folder too: skip the
+    benchmarks unless they were asked for (a path under benchmarks/, or --benchmark-only)."""
+    asked = any("benchmarks" in str(a) for a in config.args)
+    try:
+        asked = asked or bool(config.getoption("--benchmark-only"))
+    except ValueError:
+        pass
+    if asked:
+        return
+    here = str(__import__("os").path.dirname(__file__))
+    skip = pytest.mark.skip(reason="benchmarks run when asked for: pytest benchmarks --benchmark-only")
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(skip)

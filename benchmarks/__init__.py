@@ -1,0 +1,1 @@
+"""pytest-benchmark suite (a package so that its conftest does not shadow tests/conftest.py)."""
