@@ -31,7 +31,7 @@ import torch
 from . import ops
 from .schedule import NoiseSchedule, space_timesteps
 from .schedulers import (DDIMScheduler, DDPMScheduler, USING_DIFFUSERS, _draw_seed, _norm_device,
-                         learned_variance_to_log, randn_like_diffusers)
+                         learned_variance_to_log, randn_like_diffusers, to_device_async)
 
 __all__ = ["sample"]
 
@@ -159,24 +159,26 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     schedule = plan.schedule
     schedule.table(device)
 
-    # x_T
+    # x_T (seed and offset as device tensors: no host copy, no sync)
+    if generator is None and seed is None:
+        seed = _draw_seed()
+    seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
+    offset_dev = torch.zeros((), dtype=torch.int64, device=device)
     if generator is not None:
         x = randn_like_diffusers(shape, generator, device, dtype)
     else:
-        if seed is None:
-            seed = _draw_seed()
-        x = ops.gaussian_noise(shape, seed, 0, device=device, dtype=dtype)
-    seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
-    offset_dev = torch.ones((), dtype=torch.int64, device=device)
+        x = ops.gaussian_noise(shape, seed_dev, offset_dev, device=device, dtype=dtype)
+    offset_dev.add_(1)
 
     # every step's timesteps, on the device once (rows of (B,) views, no per-step host copy)
     ts = torch.tensor(plan.timesteps, dtype=torch.int64)
-    t_rows = ts.reshape(n, 1).expand(n, B).contiguous().to(device)
-    p_rows = torch.tensor(plan.prev, dtype=torch.int64).reshape(n, 1).expand(n, B).contiguous().to(device)
+    t_rows = to_device_async(ts.reshape(n, 1).expand(n, B).contiguous(), device)
+    p_rows = to_device_async(torch.tensor(plan.prev, dtype=torch.int64).reshape(n, 1).expand(n, B).contiguous(),
+                             device)
     tmodel = plan.timestep_map[ts].reshape(n, 1).expand(n, B)
     if guidance is not None:
         tmodel = torch.cat([tmodel, tmodel], dim=1)
-    tmodel_rows = tmodel.contiguous().to(device)
+    tmodel_rows = to_device_async(tmodel.contiguous(), device)
 
     def body(x_in: torch.Tensor, t, p, tm, draw: bool):
         # draw: take this step's noise from the generator (diffusers' draw, in the output's dtype)

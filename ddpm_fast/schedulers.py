@@ -313,6 +313,14 @@ def _norm_device(device) -> torch.device:
     return device
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without a host sync (pinned + non_blocking on CUDA;
+    a pageable copy would synchronise, which ``torch.cuda.set_sync_debug_mode`` reports)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _is_host_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -416,7 +424,7 @@ class _FastSchedulerBase(*_BASES):
             st = _DeviceState()
             T = self.schedule.num_timesteps
             st.steps = torch.arange(-1, T, dtype=torch.int64, device=device)
-            st.prev_of = self._prev_cpu.to(device)
+            st.prev_of = to_device_async(self._prev_cpu, device)
             st.seed = torch.full((), self._noise_seed, dtype=torch.int64, device=device)
             st.offset = torch.zeros((), dtype=torch.int64, device=device)
             self.schedule.table(device)  # cache the float64 table on the device now

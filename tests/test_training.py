@@ -1,0 +1,144 @@
+"""ddpm_fast.training_loss, NoiseStream and the timestep samplers (ddpm_fast/training.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import DDPMScheduler, LossAwareSampler, NoiseSchedule, NoiseStream, UniformSampler, training_loss
+from ddpm_fast.training import timestep_generator
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, channels=2, out_factor=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(channels * out_factor, channels, generator=g) * 0.3)
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return x @ self.W.T * (1 + t.float()[:, None] / 1000)
+
+
+SCHED = NoiseSchedule.from_name("linear", 100, 1e-3, 0.2)
+
+
+def _manual(model, x0, schedule, seed, offset, target="epsilon"):
+    """The documented recipe, written out: t from timestep_generator(seed, offset), the §3 noise
+    of (seed, offset), x_t, the model, the per-sample MSE."""
+    t, _ = UniformSampler(schedule.num_timesteps).sample(x0.shape[0], timestep_generator(seed, offset))
+    eps = ddpm_fast.gaussian_noise(x0.shape, seed, offset, dtype=torch.float64)
+    a = schedule.alphas_cumprod[t].reshape(-1, 1)
+    x_t = (a.sqrt() * x0.double() + (1 - a).sqrt() * eps).float()
+    out = model(x_t, t).double()
+    tgt = {"epsilon": eps, "sample": x0.double(), "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0.double()}[target]
+    return ((out - tgt) ** 2).mean(1), t
+
+
+@pytest.mark.parametrize("target", ["epsilon", "sample", "v_prediction"])
+def test_loss_is_the_documented_recipe(target):
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    model = TinyModel()
+    loss, det = training_loss(model, x0, SCHED, seed=11, offset=5, target=target, return_details=True)
+    per, t = _manual(model, x0, SCHED, 11, 5, target)
+    assert torch.equal(det["t"], t)
+    torch.testing.assert_close(det["losses"].double(), per, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), per.mean(), rtol=2e-5, atol=1e-6)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+
+def test_reproducible_from_seed_and_step_and_noise_stream():
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+    model = TinyModel()
+    a = [training_loss(model, x0, SCHED, seed=3, offset=k) for k in range(4)]
+    b = [training_loss(model, x0, SCHED, seed=3, offset=k) for k in range(4)]
+    stream = NoiseStream(3)
+    c = [training_loss(model, x0, SCHED, seed=stream) for _ in range(4)]
+    assert stream.offset == 4 and stream.state_dict() == {"seed": 3, "offset": 4}
+    for k in range(4):
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+    assert len({float(v.detach()) for v in a}) == 4  # each step draws new noise and timesteps
+    s2 = NoiseStream(0)
+    s2.load_state_dict({"seed": 3, "offset": 2})
+    assert torch.equal(training_loss(model, x0, SCHED, seed=s2), a[2])
+
+
+def test_global_rng_untouched_and_gradients():
+    x0 = torch.randn(16, 2)
+    model = TinyModel()
+    state = torch.get_rng_state()
+    loss = training_loss(model, x0, SCHED, seed=1, offset=0, snr_gamma=5.0)
+    assert torch.equal(state, torch.get_rng_state())
+    loss.backward()
+    g_fused = model.W.grad.clone()
+    model.W.grad = None
+    per, t = _manual(model, x0, SCHED, 1, 0)
+    abar = SCHED.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    w = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    (per * w).mean().backward()
+    torch.testing.assert_close(g_fused, model.W.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hybrid_loss_and_scheduler_argument():
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
+    model = TinyModel(out_factor=2)
+    sched = DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
+    loss, det = training_loss(model, x0, sched, seed=6, offset=1, hybrid=True, return_details=True)
+    out = model(ddpm_fast.q_sample(x0, det["t"], sched.schedule, seed=6, offset=1), det["t"])
+    ref = ddpm_fast.hybrid_loss(out, x0, det["t"], sched.schedule, seed=6, offset=1)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_respaced_schedule_gives_the_model_original_timesteps():
+    respaced = NoiseSchedule.from_name("linear", 1000).respace(range(0, 1000, 10))
+    model = TinyModel()
+    _, det = training_loss(model, torch.randn(8, 2), respaced, seed=0, offset=0, return_details=True)
+    assert torch.equal(model.seen[-1], det["t"] * 10)
+
+
+def test_loss_aware_sampler():
+    T = 6
+    s = LossAwareSampler(T, history_per_term=3, uniform_prob=0.1)
+    np.testing.assert_array_equal(s.weights(), np.ones(T))
+    for _ in range(3):
+        t = torch.arange(T)
+        s.update(t, (t + 1).float())
+    assert s.warmed_up()
+    w = s.weights()
+    expect = np.arange(1, T + 1) / np.arange(1, T + 1).sum() * 0.9 + 0.1 / T
+    np.testing.assert_allclose(w, expect, rtol=1e-12)
+    t, iw = s.sample(10000, torch.Generator().manual_seed(0))
+    freq = np.bincount(t.numpy(), minlength=T) / 10000
+    np.testing.assert_allclose(freq, expect, atol=0.02)
+    np.testing.assert_allclose(iw.numpy(), 1.0 / (T * expect[t.numpy()]), rtol=1e-6)  # unbiased weights
+    # the history keeps the last entries
+    s.update(torch.tensor([0]), torch.tensor([100.0]))
+    assert s.state_dict()["history"][0].tolist() == [1.0, 1.0, 100.0]
+    # training_loss feeds it
+    s2 = LossAwareSampler(100)
+    training_loss(TinyModel(), torch.randn(64, 2), SCHED, seed=0, offset=0, timestep_sampler=s2)
+    assert int(s2._counts.sum()) == 64
+
+
+def test_bad_inputs():
+    model = TinyModel()
+    x0 = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="offset"):
+        training_loss(model, x0, SCHED, seed=NoiseStream(1), offset=3)
+    with pytest.raises(ValueError, match="seed"):
+        training_loss(model, x0, SCHED, seed=-1)
+    with pytest.raises(ValueError, match="target"):
+        training_loss(model, x0, SCHED, seed=0, target="noise")
+    with pytest.raises(TypeError, match="schedule"):
+        training_loss(model, x0, "linear", seed=0)
+    with pytest.raises(ValueError, match="timesteps"):
+        training_loss(model, x0, SCHED, seed=0, timestep_sampler=UniformSampler(10))
+    with pytest.raises(ValueError, match="model_output"):
+        training_loss(TinyModel(out_factor=2), x0, SCHED, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        NoiseStream(2 ** 63)
+    with pytest.raises(ValueError, match="uniform_prob"):
+        LossAwareSampler(10, uniform_prob=2.0)
