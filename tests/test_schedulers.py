@@ -106,6 +106,8 @@ def _draw_config(rng: random.Random, kind: str):
             n -= 1
     if cfg["timestep_spacing"] == "leading" and (n - 1) * (T // n) + cfg["steps_offset"] >= T:
         cfg["steps_offset"] = 0
+    if kind == "ddim" and cfg["timestep_spacing"] == "leading" and cfg["steps_offset"] >= T // n:
+        cfg["steps_offset"] = 0  # diffusers' last step then goes to t = offset - T//n >= 0 (§7 test)
     if cfg["rescale_betas_zero_snr"] and cfg["prediction_type"] == "epsilon":
         cfg["clip_sample"] = True  # x0_hat = +-inf at abar = 0: both clip it to the same value
     return cfg, n
@@ -475,9 +477,14 @@ def test_s7_learned_keeps_diffusers_meaning_a_variance():
 
 
 @needs_diffusers
-@pytest.mark.parametrize("spacing,n", [("linspace", 10), ("trailing", 7)])
-def test_s7_ddim_previous_timestep_is_the_next_entry(spacing, n):
-    o, d = DDIMScheduler(timestep_spacing=spacing), diffusers.DDIMScheduler(timestep_spacing=spacing)
+@pytest.mark.parametrize("spacing,n,T,offset", [("linspace", 10, 1000, 0), ("trailing", 7, 1000, 0),
+                                               ("leading", 8, 10, 1)])
+def test_s7_ddim_previous_timestep_is_the_next_entry(spacing, n, T, offset):
+    """diffusers' DDIM steps from t to t - T // n: wrong for linspace, for trailing when n does not
+    divide T, and for leading when steps_offset >= T // n (its last step then goes to t = offset -
+    T // n >= 0 instead of the final alpha). Ours: the next entry of the schedule, always."""
+    cfg = dict(timestep_spacing=spacing, num_train_timesteps=T, steps_offset=offset)
+    o, d = DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg)
     o.set_timesteps(n), d.set_timesteps(n)
     ts = o.timesteps.tolist()
     assert ts == d.timesteps.tolist()
@@ -487,7 +494,7 @@ def test_s7_ddim_previous_timestep_is_the_next_entry(spacing, n):
         prev = ts[i + 1] if i + 1 < len(ts) else -1
         ours = o.step(mo, t, x).prev_sample
         torch.testing.assert_close(ours, ddpm_fast.ddim_step(mo, t, x, o.schedule, prev_t=prev), rtol=0, atol=0)
-        diffusers_prev = t - 1000 // n
+        diffusers_prev = t - T // n
         if diffusers_prev != prev and not (diffusers_prev < 0 and prev < 0):
             differs = True
             assert not torch.allclose(ours, d.step(mo, t, x).prev_sample, rtol=1e-3, atol=1e-4)
