@@ -35,6 +35,9 @@ struct QSampleArgs {
   void* x_t = nullptr;
   const int64_t* t = nullptr;
   const double* abar = nullptr;
+  // Length of the abar table. When > 0, rows whose t (or prev_t) lies outside it get NaN
+  // instead of a read past the table (device timesteps are not checked on the host).
+  int64_t T = 0;
   int64_t B = 0, N = 0;
   bool fp64_math = false;
   NoiseArgs noise;
@@ -56,6 +59,9 @@ struct StepArgs {
   const int64_t* t = nullptr;
   const int64_t* prev_t = nullptr;  // < 0: abar_prev = 1 (DDPM) or final_alpha_cumprod (DDIM)
   const double* abar = nullptr;
+  // Length of the abar table. When > 0, rows whose t (or prev_t) lies outside it get NaN
+  // instead of a read past the table (device timesteps are not checked on the host).
+  int64_t T = 0;
   int64_t B = 0, N = 0;
   Prediction prediction = Prediction::kEpsilon;
   Variance variance = Variance::kFixedSmall;
@@ -74,7 +80,7 @@ struct StepArgs {
   double final_alpha_cumprod = 1.0;
   bool fp64_math = false;
   NoiseArgs noise;
-  int64_t F() const { return is_learned(variance) && kind == StepKind::kDdpm ? 2 : 1; }
+  HOST_DEVICE int64_t F() const { return is_learned(variance) && kind == StepKind::kDdpm ? 2 : 1; }
 };
 
 // The simple loss: per-row sums of (target - model_output)^2; its backward writes
@@ -86,6 +92,9 @@ struct LossArgs {
   DType x0_dtype = DType::kFloat32;
   const int64_t* t = nullptr;
   const double* abar = nullptr;
+  // Length of the abar table. When > 0, rows whose t (or prev_t) lies outside it get NaN
+  // instead of a read past the table (device timesteps are not checked on the host).
+  int64_t T = 0;
   int64_t B = 0, N = 0;
   Prediction target = Prediction::kEpsilon;
   bool min_snr = false;
