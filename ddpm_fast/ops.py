@@ -59,6 +59,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .backends import backends, resolve_backend
+from .nvtx import range_for_op
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -290,6 +291,7 @@ def _dtype_for_backend(*xs):
 # --------------------------------------------------------------------------------------------
 # public ops
 # --------------------------------------------------------------------------------------------
+@range_for_op("gaussian_noise")
 def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = torch.float32,
                    backend: Optional[str] = None) -> torch.Tensor:
     """Standard normal noise of ``shape`` under the §3 contract: a pure function of
@@ -313,6 +315,7 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
     return impl.gaussian_noise(shape, seed_t, offset_t, dtype)
 
 
+@range_for_op("q_sample")
 def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, backend: Optional[str] = None):
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
     the §3 noise of ``(seed, offset)``. Differentiable in ``x0``."""
@@ -334,6 +337,7 @@ def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor):
     return model_output, x_t, schedule, guidance_scale
 
 
+@range_for_op("ddpm_step")
 def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="epsilon",
               variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, thresholding=False,
               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None, noise=None,
@@ -369,6 +373,7 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
+@range_for_op("ddim_step")
 def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_type="epsilon",
               use_clipped_model_output=False, final_alpha_cumprod=1.0, clip_sample=True, clip_sample_range=1.0,
               thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
@@ -400,6 +405,7 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
+@range_for_op("ddim_reverse_step")
 def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
                       use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
                       thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
@@ -441,6 +447,7 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample.mean()
 
 
+@range_for_op("loss fwd")
 def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=None, seed=None, offset=0,
                    snr_gamma=None, reduction="mean", backend: Optional[str] = None):
     """The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (fp32), reduced over
@@ -467,6 +474,7 @@ def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=Non
     return _reduce(per_sample, reduction)
 
 
+@range_for_op("vlb_loss fwd")
 def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", variance_type="learned_range",
              reduction="mean", backend: Optional[str] = None):
     """The variational-bound term per sample, in bits per dimension: ``KL(q(x_{t-1}|x_t,x0) ||
@@ -491,6 +499,7 @@ def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", v
     return _reduce(per_sample, reduction)
 
 
+@range_for_op("hybrid_loss fwd")
 def hybrid_loss(model_output, x0, t, schedule, *, noise=None, seed=None, offset=0, prediction_type="epsilon",
                 variance_type="learned_range", snr_gamma=None, reduction="mean", backend: Optional[str] = None):
     """improved DDPM's hybrid loss (``RESCALED_MSE``): the simple loss on the first ``C`` channels
