@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 from .schedule import NoiseSchedule, space_timesteps
-from .schedulers import (DDIMScheduler, DDPMScheduler, USING_DIFFUSERS, _draw_seed, _norm_device,
+from .schedulers import (DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
                          learned_variance_to_log, randn_like_diffusers, to_device_async)
 
 __all__ = ["sample"]
@@ -42,7 +42,7 @@ class _Plan:
     def __init__(self, scheduler_or_schedule, num_inference_steps, eta, device):
         self.kind = "ddpm"
         self.final_abar = 1.0
-        if USING_DIFFUSERS and not isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler, NoiseSchedule)):
+        if not isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler, NoiseSchedule)):
             scheduler_or_schedule = _from_diffusers(scheduler_or_schedule)
         if isinstance(scheduler_or_schedule, NoiseSchedule):
             sched = scheduler_or_schedule
@@ -93,6 +93,8 @@ class _Plan:
 def _from_diffusers(s):
     """A diffusers DDPMScheduler/DDIMScheduler: use ours built from its config."""
     name = type(s).__name__
+    if not type(s).__module__.startswith("diffusers") or not hasattr(s, "config"):
+        return s
     if name == "DDPMScheduler":
         return DDPMScheduler.from_config(s.config)
     if name == "DDIMScheduler":

@@ -212,7 +212,9 @@ def test_defaults_and_attributes_match_diffusers():
         x = torch.randn(2, 3)
         assert o.scale_model_input(x, 5) is x
         assert o.config.num_train_timesteps == 1000  # attribute access on the config
-        assert set(d.compatibles) <= set(type(c) for c in o.compatibles) | {type(o)} or o.compatibles
+        if S.USING_DIFFUSERS:  # diffusers' scheduler swapping (from_config between compatibles) sees ours
+            assert sorted(o._compatibles) == sorted(d._compatibles)
+            assert isinstance(o, diffusers.SchedulerMixin) and isinstance(o, diffusers.ConfigMixin)
 
 
 @needs_diffusers
