@@ -137,7 +137,8 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     ``generator``). ``callback(i, t, x)`` runs after step ``i`` (``t`` a host int). ``progress``:
     a tqdm bar. ``cuda_graph``: ``"auto"`` captures the loop body (model call + step) in a CUDA
     graph on CUDA without a generator, falling back to eager if capture fails; ``True`` requires
-    it; ``False`` never. No host-device sync is made per step by the loop itself."""
+    it; ``False`` never. The loop runs under ``torch.no_grad()``; no host-device sync is made per
+    step by the loop itself (the setup copies its timestep tables once, pinned and non-blocking)."""
     plan = _Plan(scheduler_or_schedule, num_inference_steps, eta, device)
     if seed is not None and generator is not None:
         raise ValueError("give at most one of seed and generator")

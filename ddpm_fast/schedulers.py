@@ -36,7 +36,8 @@ Deliberate differences from diffusers (REFERENCE §7), each tested in tests/test
   noise is always drawn (diffusers skips the draw at ``t = 0``, which needs the host to read ``t``).
 * Without a ``generator``, the noise is the §3 counter-based noise of ``(seed, offset)``: the seed
   is drawn from torch's global CPU generator at construction and at every ``set_timesteps`` (so
-  ``torch.manual_seed`` controls it), and the offset, an int64 tensor on the sample's device,
+  ``torch.manual_seed`` controls it; each draw consumes one number of that generator, which
+  diffusers' constructor and ``set_timesteps`` do not), and the offset, an int64 tensor on the sample's device,
   advances by one per ``step`` call (in place, so a CUDA graph draws fresh noise on each replay).
   Row ``b``'s noise does not depend on the batch size.
 * ``step`` accepts ``guidance_scale=w`` (fused classifier-free guidance: ``model_output`` has
