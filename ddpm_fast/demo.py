@@ -202,7 +202,7 @@ def _run(args, t_start) -> int:
 
     def keep(i, t, x):
         if i in snap_steps:
-            snapshots.append((f"reverse step {i + 1}/{T} (t={t})", x[:n_show].detach().float().cpu().clone()))
+            snapshots.append((f"after reverse step {i + 1}/{T} (from t={t})", x[:n_show].detach().float().cpu().clone()))
 
     t0 = time.perf_counter()
     with torch.no_grad():
