@@ -679,15 +679,21 @@ static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
 // ---- the simple loss -------------------------------------------------------------------------
 // diff = model_output - target over a chunk; returns the per-element weights' row runs via fn.
 template <typename R>
-static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow) {
+static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, int64_t* cached_t,
+                            LossRow* rc) {
   R mo[kChunk], x0[kChunk], z[kChunk], sa[kChunk], s1[kChunk];
   load_chunk(mo, a.model_output, a.mo_dtype, i, n);
-  for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
-    const LossRow rc = loss_row(a.abar[a.t[row]], a.target, a.min_snr, a.snr_gamma);
-    fill(sa + pos, len, static_cast<R>(rc.sqrt_abar));
-    fill(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
-    if (wrow != nullptr) fill(wrow + pos, len, static_cast<R>(rc.weight));
-  });
+  // row coefficients, broadcast over spans of rows sharing t (cached while t repeats)
+  for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return a.t[r0] == a.t[r1]; },
+                [&](int64_t row, int64_t pos, int64_t len) {
+                  if (a.t[row] != *cached_t) {
+                    *rc = loss_row(a.abar[a.t[row]], a.target, a.min_snr, a.snr_gamma);
+                    *cached_t = a.t[row];
+                  }
+                  fill(sa + pos, len, static_cast<R>(rc->sqrt_abar));
+                  fill(s1 + pos, len, static_cast<R>(rc->sqrt_one_minus_abar));
+                  if (wrow != nullptr) fill(wrow + pos, len, static_cast<R>(rc->weight));
+                });
   switch (a.target) {
     case Prediction::kEpsilon:
       chunk_noise(a.noise, a.N, i, n, z);
@@ -723,9 +729,11 @@ template <typename R>
 static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, double* row_sums) {
   R diff[kChunk];
   const int64_t first_row = begin / a.N;
+  int64_t cached_t = INT64_MIN;
+  LossRow rc{};
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr));
+    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), &cached_t, &rc);
     for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
       row_sums[row - first_row] += static_cast<double>(sum_squares(diff + pos, len));
     });
@@ -745,12 +753,13 @@ static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
   R diff[kChunk], w[kChunk], g[kChunk];
   const R* grad = static_cast<const R*>(a.grad);
   const R two_over_n = static_cast<R>(2.0 / static_cast<double>(a.N));
+  int64_t cached_t = INT64_MIN;
+  LossRow rc{};
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, w);
-    for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
-      fill(g + pos, len, grad[row]);
-    });
+    loss_diff_chunk(a, i, n, diff, w, &cached_t, &rc);
+    for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return grad[r0] == grad[r1]; },
+                  [&](int64_t row, int64_t pos, int64_t len) { fill(g + pos, len, grad[row]); });
     for (int64_t j = 0; j < n; ++j) diff[j] = (g[j] * w[j]) * (two_over_n * diff[j]);
     store_chunk(a.grad_model_output, a.mo_dtype, i, diff, n);
   }
