@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -50,6 +51,10 @@ NOISE_NONE, NOISE_TENSOR, NOISE_SEED = 0, 1, 2
 # (untuned) configuration used on CUDA where autotuning is unsafe (in-place updates).
 INTERPRET_MAX_BLOCK = 1024
 PLAIN_BLOCK = 1024
+# Rows shorter than this run on the flat grid (per-element row index and coefficients). Under the
+# interpreter blocks are as small as 16, so only rows shorter than that need it there (the tests
+# force the flat path by raising this).
+FLAT_ROW_MIN = 16 if INTERPRET else 512
 MIN_TUNED_BLOCK = 512
 
 
@@ -78,16 +83,26 @@ def maybe_autotune(fn):
     return triton.autotune(configs=autotune_configs(), key=["B", "N", *flags])(fn)
 
 
+def is_flat(N: int) -> bool:
+    """Short rows run on the flat grid (a row-wise block would be mostly masked)."""
+    return N < FLAT_ROW_MIN
+
+
 def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bool, args, kwargs):
-    """Launch a row-blocked elementwise kernel: grid = B * cdiv(N, BLOCK) programs. Under the
+    """Launch an elementwise kernel on its grid: row-wise B * cdiv(N, BLOCK) programs, or flat
+    cdiv(B * N, BLOCK) programs for short rows (``FLAT`` is added to the constexprs). Under the
     interpreter a fixed power-of-two block; on CUDA the autotuned kernel unless ``allow_tune`` is
     False (in-place updates: autotuning re-runs the kernel, which would read its own output)."""
+    flat = is_flat(N)
+    kwargs = dict(kwargs, FLAT=flat)
+    n_rows = 1 if flat else B
+    row_len = B * N if flat else N
     if INTERPRET or tuned is None or not allow_tune:
-        block = interpret_block(N) if INTERPRET else PLAIN_BLOCK
-        grid = (B * triton.cdiv(N, block),)
+        block = interpret_block(row_len) if INTERPRET else PLAIN_BLOCK
+        grid = (n_rows * triton.cdiv(row_len, block),)
         _wrap(plain)[grid](*args, **kwargs, BLOCK=block)   # Triton's default num_warps=4
         return block
-    grid = lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (n_rows * triton.cdiv(row_len, meta["BLOCK"]),)  # noqa: E731
     _wrap(tuned)[grid](*args, **kwargs)
     return None
 
@@ -102,7 +117,10 @@ def num_blocks(N: int, block: int) -> int:
 
 
 def partial_cols(N: int) -> int:
-    """Columns of a per-row partial-sum buffer valid for every block size a launch may pick."""
+    """Columns of a per-row partial-sum buffer valid for every block size a launch may pick (one
+    per element on the flat grid, where a block spans rows)."""
+    if is_flat(N):
+        return max(N, 1)
     smallest = min(interpret_block(N), 16) if INTERPRET else min(MIN_TUNED_BLOCK, PLAIN_BLOCK)
     return num_blocks(N, smallest)
 
@@ -116,16 +134,27 @@ def row_view(x: torch.Tensor) -> int:
 # device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def row_and_block(N, BLOCK: tl.constexpr):
-    """(row, block index within the row, int64 column offsets of this program's block, mask) for
-    a 1-D grid of B * cdiv(N, BLOCK) programs. int64 throughout: tensors past 2^31 elements index
-    correctly."""
+def row_and_block(B, N, BLOCK: tl.constexpr, FLAT: tl.constexpr):
+    """(row, block id, int64 column offsets, mask) of this program. Row-wise (FLAT False): a 1-D
+    grid of B * cdiv(N, BLOCK) programs, each inside one row, ``row`` and ``blk`` scalars (the
+    row's coefficients are computed once per program). Flat (short rows, N < FLAT_ROW_MIN): a grid
+    of cdiv(B * N, BLOCK) programs over the flattened tensor, ``row`` and ``cols`` per element
+    (the coefficients per element), ``blk`` the program id. int64 throughout: tensors past 2^31
+    elements index correctly."""
     pid = tl.program_id(0).to(tl.int64)
-    nblk = (N + BLOCK - 1) // BLOCK
-    row = pid // nblk
-    blk = pid - row * nblk
-    cols = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return row, blk, cols, cols < N
+    if FLAT:
+        flat = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        row = flat // N
+        cols = flat - row * N
+        mask = flat < B * N
+        blk = pid
+    else:
+        nblk = (N + BLOCK - 1) // BLOCK
+        row = pid // nblk
+        blk = pid - row * nblk
+        cols = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < N
+    return row, blk, cols, mask
 
 
 @triton.jit
@@ -232,25 +261,33 @@ def normals_at(seed, offset, idx, USE_LIBDEVICE: tl.constexpr):
 @triton.jit
 def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
               NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
-              BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """The noise of elements ``cols`` of row ``row`` of a sample with N elements a row: a given
+              BLOCK: tl.constexpr, FLAT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The noise of elements ``cols`` of row(s) ``row`` of a sample with N elements a row: a given
     tensor (NOISE_MODE 1) or the §3 normals of (seed, offset) at the row-major sample index
     (NOISE_MODE 2): ``i = row * N + col``, or ``col`` with per-row seeds (``seed[row]``).
-    ALIGNED: the block starts at a multiple of 4 (per-row seeds, or N % 4 == 0)."""
+    ALIGNED: the block's indices are consecutive from a multiple of 4, so one Philox call serves
+    four elements (row-wise: per-row seeds or N % 4 == 0; flat: a scalar seed); otherwise each
+    element recomputes its quad's words."""
     if NOISE_MODE == 1:
         z = tl.load(noise_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     else:
         if PER_ROW_SEED:
             seed = tl.load(seed_ptr + row)
-            row_base = row * 0
+            idx = cols
         else:
             seed = tl.load(seed_ptr)
-            row_base = row * N
+            idx = row * N + cols
         offset = tl.load(offset_ptr)
         if ALIGNED:
-            z = normals_aligned(seed, offset, row_base + blk * BLOCK, BLOCK, USE_LIBDEVICE)
+            if FLAT:
+                base = blk * BLOCK
+            elif PER_ROW_SEED:
+                base = blk * BLOCK
+            else:
+                base = row * N + blk * BLOCK
+            z = normals_aligned(seed, offset, base, BLOCK, USE_LIBDEVICE)
         else:
-            z = normals_at(seed, offset, row_base + cols, USE_LIBDEVICE)
+            z = normals_at(seed, offset, idx, USE_LIBDEVICE)
     return z
 
 
@@ -337,7 +374,7 @@ def noise_flags(noise, seed, B: int, N: int):
     made contiguous (an explicit copy for strided noise), seeds flagged per row when ``(B,)``."""
     mode = noise_mode(noise, seed)
     per_row = bool(mode == NOISE_SEED and seed.numel() == B and B != 1)
-    aligned = per_row or N % 4 == 0
+    aligned = (not per_row) if is_flat(N) else (per_row or N % 4 == 0)
     if noise is not None:
         noise = noise.contiguous()
     return mode, per_row, aligned, noise
@@ -358,9 +395,14 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
 
 def fp32_pair(value: float):
     """(hi, lo) fp32 values with hi + lo == value to ~48 bits: how a Python float reaches a kernel
-    (whose float arguments are fp32) when float64 precision matters."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    (whose float arguments are fp32) when float64 precision matters. Pure Python (struct), so it
+    is traceable by torch.compile."""
+    hi = _round_fp32(value)
+    return hi, _round_fp32(value - hi)
+
+
+def _round_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def dummy(device: torch.device, dtype=torch.float32) -> torch.Tensor:

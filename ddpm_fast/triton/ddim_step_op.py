@@ -25,8 +25,8 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
                       PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, GUIDANCE: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
                       ALIGNED: tl.constexpr, RAW_X0: tl.constexpr, WRITE_X0: tl.constexpr,
-                      USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                      USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
     abar = H.abar_of(abar_ptr, t, T)
@@ -60,7 +60,7 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         x_prev = H.sqrt64(abar_prev).to(tl.float32) * x0_hat + direction * eps_hat
         if NOISE_MODE != 0:
             z = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                            NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                            NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
             x_prev = x_prev + sigma.to(tl.float32) * z
         tl.store(out_ptr + row * N + cols, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_X0:

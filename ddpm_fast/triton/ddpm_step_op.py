@@ -31,8 +31,8 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
                       PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr,
                       GUIDANCE: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
                       ALIGNED: tl.constexpr, RAW_X0: tl.constexpr, WRITE_X0: tl.constexpr,
-                      USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                      USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
     # per-row coefficients in float64 (REFERENCE §1), rounded to fp32 for the element math
@@ -72,7 +72,7 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
                            + (1.0 - frac) * H.log_f(beta_tilde, USE_LIBDEVICE).to(tl.float32))
                 sigma = H.exp_f(0.5 * log_var, USE_LIBDEVICE)
             z = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                            NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                            NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
             x_prev = tl.where(t > 0, x_prev + sigma * z, x_prev)
         tl.store(out_ptr + row * N + cols, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_X0:

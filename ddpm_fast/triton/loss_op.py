@@ -54,8 +54,8 @@ def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offse
                      B, N, P, T, snr_gamma,
                      TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
                      PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
@@ -65,11 +65,15 @@ def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offse
         eps = x0
     else:
         eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
     d = tl.where(mask, _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET) - mo, 0.0)
-    tl.store(partial_ptr + row * P + blk, tl.sum(d * d, axis=0))
     w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
-    tl.store(w_ptr + row, w, mask=blk == 0)
+    if FLAT:   # a block spans rows: one partial per element (P == N), the weight from column 0
+        tl.store(partial_ptr + row * P + cols, d * d, mask=mask)
+        tl.store(w_ptr + row, w, mask=mask & (cols == 0))
+    else:
+        tl.store(partial_ptr + row * P + blk, tl.sum(d * d, axis=0))
+        tl.store(w_ptr + row, w, mask=blk == 0)
 
 
 @triton.jit
@@ -77,10 +81,10 @@ def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_
                      B, N, T, inv_n, snr_gamma,
                      TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
                      PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
     """d loss_b / d model_output = grad_b * w_b * 2 (model_output - target) / N, the noise
     regenerated from (seed, offset)."""
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
@@ -90,7 +94,7 @@ def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_
         eps = x0
     else:
         eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
     w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
     scale = tl.load(grad_ptr + row).to(tl.float32) * w * (2.0 * inv_n)
     g = scale * (mo - _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET))

@@ -15,10 +15,10 @@ from . import _helpers as H
 @triton.jit
 def _gaussian_noise_kernel(out_ptr, seed_ptr, offset_ptr, B, N,
                            PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                           FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     z = H.row_noise(out_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                    2, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                    2, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
     tl.store(out_ptr + row * N + cols, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -35,7 +35,8 @@ def gaussian_noise(shape: List[int], seed: torch.Tensor, offset: torch.Tensor, d
     per_row = bool(seed.numel() == B and B != 1)
     H.launch(_gaussian_noise_kernel, _tuned, B=B, N=N, device=seed.device, allow_tune=True,
              args=(out, seed, offset, B, N),
-             kwargs=dict(PER_ROW_SEED=per_row, ALIGNED=per_row or N % 4 == 0,
+             kwargs=dict(PER_ROW_SEED=per_row,
+                         ALIGNED=(not per_row) if H.is_flat(N) else (per_row or N % 4 == 0),
                          USE_LIBDEVICE=H.use_libdevice(seed.device)))
     return out
 

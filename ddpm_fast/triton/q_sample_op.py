@@ -15,14 +15,14 @@ from . import _helpers as H
 @triton.jit
 def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, B, N, T,
                      NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
-                     USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                     USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)                # float64
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                      NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, USE_LIBDEVICE)
+                      NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
     x_t = sqrt_abar * x0 + sqrt_1m_abar * eps
     tl.store(out_ptr + row * N + cols, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -35,8 +35,9 @@ def _tanh_arg(x):
 
 @triton.jit
 def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T,
-                PRED: tl.constexpr, VAR: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    row, blk, cols, mask = H.row_and_block(N, BLOCK)
+                PRED: tl.constexpr, VAR: tl.constexpr, USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     abar = H.abar_of(abar_ptr, t, T)
     abar_prev = H.abar_at(abar_ptr, t - 1, 1.0, T)
@@ -91,7 +92,10 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
     log_cdf_delta = H.log_f(H.clamp_keep_nan(cdf_delta, 1e-12, float("inf")), USE_LIBDEVICE)
     log_probs = tl.where(x0 < -0.999, log_cdf_plus, tl.where(x0 > 0.999, log_one_minus_cdf_min, log_cdf_delta))
     term = tl.where(t == 0, -log_probs, kl)
-    tl.store(partial_ptr + row * P + blk, tl.sum(tl.where(mask, term, 0.0), axis=0))
+    if FLAT:   # a block spans rows: one partial per element (P == N)
+        tl.store(partial_ptr + row * P + cols, term, mask=mask)
+    else:
+        tl.store(partial_ptr + row * P + blk, tl.sum(tl.where(mask, term, 0.0), axis=0))
 
 
 _tuned = H.maybe_autotune(_vlb_kernel)

@@ -44,7 +44,7 @@ def signature(kernel, constexprs, dtypes):
 
 
 def compile_one(kernel, constexprs, dtypes=None):
-    constexprs = dict(constexprs, USE_LIBDEVICE=True, BLOCK=1024)
+    constexprs = dict({"FLAT": False}, **constexprs, USE_LIBDEVICE=True, BLOCK=1024)
     src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, dtypes or {}), constexprs=constexprs)
     t0 = time.time()
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
@@ -77,6 +77,16 @@ def main():
         compile_one(loss_op._loss_bwd_kernel, c, {"mo_ptr": "*bf16", "out_ptr": "*bf16"})
     for pred, var in ((0, 5), (1, 0), (2, 2), (0, 4)):
         compile_one(vlb_op._vlb_kernel, dict(PRED=pred, VAR=var))
+    # the flat grid (short rows): per-element rows and coefficients, per-element loss partials
+    compile_one(q_sample_op._q_sample_kernel, dict(NOISE_MODE=2, PER_ROW_SEED=True, ALIGNED=False, FLAT=True))
+    compile_one(q_sample_op._q_sample_kernel, dict(NOISE_MODE=2, PER_ROW_SEED=False, ALIGNED=True, FLAT=True))
+    compile_one(ddpm_step_op._ddpm_step_kernel, dict(base, PRED=0, VAR=5, GUIDANCE=True, THRESH=True, FLAT=True))
+    compile_one(ddim_step_op._ddim_step_kernel, dict(dbase, PRED=2, FLAT=True))
+    compile_one(loss_op._loss_fwd_kernel, dict(TARGET=2, SNR=True, NOISE_MODE=2, PER_ROW_SEED=True, ALIGNED=False,
+                                               FLAT=True))
+    compile_one(loss_op._loss_bwd_kernel, dict(TARGET=0, SNR=False, NOISE_MODE=1, PER_ROW_SEED=False, ALIGNED=True,
+                                               FLAT=True))
+    compile_one(vlb_op._vlb_kernel, dict(PRED=0, VAR=5, FLAT=True))
     print("all kernels compiled for sm_90")
 
 

@@ -519,15 +519,27 @@ gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA device and 
 
 @gpu
 def test_compile_fullgraph_over_triton_ops():
-    mo, xt = _ddpm_inputs("fixed_small", None)
-    off = torch.tensor(3, device=DEVICE)
+    """torch.compile(fullgraph=True) traces the registered ops (no graph break), forward and
+    backward, and gives the eager results."""
+    abar = SCHEDULE.table(DEVICE)
+    mo, xt = _ddpm_inputs("learned_range", None)
+    seed, off, t = T(7), T(3), T(500, 400)
+    O = torch.ops.ddpm_fast_triton
 
     def step(mo, xt, off):
-        x = F.ddpm_step(mo, T(500, 400), xt, SCHEDULE, seed=7, offset=off, backend="triton")
-        return F.q_sample(x, T(10, 20), SCHEDULE, seed=7, offset=off, backend="triton")
+        x, _ = O.ddpm_step(mo, t, t - 1, xt, abar, None, seed, off, "epsilon", "learned_range", True, 1.0, True,
+                           0.9, 2.0, None, False)
+        x = O.q_sample(x, t, abar, None, seed, off)
+        return O.diffusion_loss(x, xt, t, abar, None, seed, off, "v_prediction", 5.0).sum()
 
     compiled = torch.compile(step, fullgraph=True)
-    assert_close("compile", compiled(mo, xt, off), step(mo, xt, off))
+    mo1 = mo.clone().requires_grad_()
+    mo2 = mo.clone().requires_grad_()
+    a, b = compiled(mo1, xt, off), step(mo2, xt, off)
+    assert_close("compile", a, b)
+    a.backward()
+    b.backward()
+    assert_close("compile.grad", mo1.grad, mo2.grad)
 
 
 @gpu
@@ -630,3 +642,66 @@ def test_device_timestep_out_of_range_poisons_its_row():
     x_prev, _ = O.ddpm_step(x0, T(1000, 5), T(999, 4), x0, abar, None, T(1), T(0), "epsilon", "fixed_small",
                             True, 1.0, False, 0.995, 1.0, None, False)
     assert bool(torch.isnan(x_prev[0]).all()) and bool(torch.isfinite(x_prev[1]).all())
+
+
+def test_import_without_triton_reports_unavailable():
+    """``import ddpm_fast.triton`` works where Triton is missing, and the backend reports why."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import ddpm_fast, ddpm_fast.triton as T\n"
+            "av = T.availability(); assert av['cpu'][0] is False and av['cuda'][0] is False, av\n"
+            "assert 'triton is not importable' in av['cuda'][1], av\n"
+            "info = ddpm_fast.backends()['triton']; assert not any(info['available'].values()), info\n"
+            "print('ok')\n")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.path.abspath(root)})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the flat grid (rows shorter than FLAT_ROW_MIN: per-element rows and coefficients)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def flat_grid(monkeypatch):
+    monkeypatch.setattr(H, "FLAT_ROW_MIN", 10 ** 9)
+    assert H.is_flat(60)
+
+
+def test_flat_grid_noise_and_q_sample(flat_grid):
+    for shape, per_row in (((2, 3, 4, 5), False), ((3, 5, 7), True), ((3, 5, 7), False)):
+        test_noise_matches_reference(shape, per_row, torch.float32)
+    for kind in ("seed", "per_row_seed", "tensor"):
+        test_q_sample(torch.float32, kind)
+    test_q_sample_unaligned_rows_and_noncontiguous()
+
+
+@pytest.mark.parametrize("variance_type", VARIANCES)
+def test_flat_grid_ddpm_step(flat_grid, variance_type):
+    test_ddpm_step_variants("v_prediction", variance_type)
+
+
+def test_flat_grid_ddim_and_losses(flat_grid):
+    test_ddim_step_variants("epsilon", 0.6)
+    test_ddim_reverse_step("sample")
+    for target in ("epsilon", "v_prediction"):
+        test_diffusion_loss_fwd_bwd(target, 5.0)
+    for variance_type in ("learned_range", "fixed_large"):
+        test_vlb_loss("epsilon", variance_type)
+
+
+def test_toy_2d_data():
+    """(16, 2) samples (2-D toy data): rows far shorter than a block, on the flat grid by default."""
+    x0 = gen(16, 2)
+    t = torch.arange(0, 1000, 63, device=DEVICE)[:16]
+    assert H.is_flat(2)
+    got = F.q_sample(x0, t, SCHEDULE, seed=T(*range(16)), offset=2, backend="triton")
+    assert_close("q_sample", got, F.q_sample(x0, t, SCHEDULE, seed=T(*range(16)), offset=2, backend="reference"))
+    kw = dict(variance_type="learned_range", seed=5, offset=1)
+    mo = gen(16, 4, seed=3)
+    got = F.ddpm_step(mo, t, x0, SCHEDULE, backend="triton", **kw)
+    assert_close("ddpm_step", got, F.ddpm_step(mo, t, x0, SCHEDULE, backend="reference", **kw))
+    lt = F.diffusion_loss(mo[:, :2], x0, t, SCHEDULE, seed=5, reduction="none", backend="triton")
+    lr = F.diffusion_loss(mo[:, :2], x0, t, SCHEDULE, seed=5, reduction="none", backend="reference")
+    assert_close("diffusion_loss", lt, lr, atol=FP32_TOL * max(1.0, float(lr.abs().max())))
