@@ -109,7 +109,9 @@ def _draw_config(rng: random.Random, kind: str):
     if kind == "ddim" and cfg["timestep_spacing"] == "leading" and cfg["steps_offset"] >= T // n:
         cfg["steps_offset"] = 0  # diffusers' last step then goes to t = offset - T//n >= 0 (§7 test)
     if cfg["rescale_betas_zero_snr"] and cfg["prediction_type"] == "epsilon":
-        cfg["clip_sample"] = True  # x0_hat = +-inf at abar = 0: both clip it to the same value
+        # x0_hat = +-inf at abar = 0: clipping gives both the same value; thresholding would not
+        # (torch.quantile of an inf row is NaN in diffusers, finite in ours: test_reference_math.py)
+        cfg["clip_sample"], cfg["thresholding"] = True, False
     return cfg, n
 
 
