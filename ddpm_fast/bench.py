@@ -706,18 +706,21 @@ def format_table(data: dict) -> str:
 # --------------------------------------------------------------------------------------------
 def plot(data: dict, path: str) -> str:
     """Achieved GB/s per op and provider across sizes (log-log), one panel per op, the copy
-    bandwidth of the same run as the ceiling. Writes a PNG to ``path``."""
+    bandwidth of the same run as the ceiling. One legend for the figure: colour = provider,
+    line style = dtype. Writes a PNG to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = [r for r in data["results"] if r.get("status") == "ok"]
     ops = [op for op in OPS if any(r["op"] == op for r in rows)] or ["(no results)"]
     ncols = min(3, len(ops))
     nrows = int(math.ceil(len(ops) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows + 1.2), squeeze=False)
     copy_gbps = data["copy"]["gbps"]
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    providers = [p for p in ALL_PROVIDERS if any(r["provider"] == p for r in rows)]
+    providers += [p for p in dict.fromkeys(r["provider"] for r in rows) if p not in providers]
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     styles = dict(zip(dtypes, [("-", "o"), ("--", "s"), (":", "^"), ("-.", "d")]))
@@ -729,23 +732,28 @@ def plot(data: dict, path: str) -> str:
                 if not pts:
                     continue
                 ls, mk = styles[dt]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], linestyle=ls, marker=mk, color=colors[p],
-                        label=f"{p} {dt}" if len(dtypes) > 1 else p)
-        ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1.2,
-                   label=f"copy {copy_gbps:.1f} GB/s")
+                ax.plot([x for x, _ in pts], [y for _, y in pts], linestyle=ls, marker=mk, color=colors[p])
+        ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1.2)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(op)
+        ax.set_title(f"{op}: {TRAFFIC[op].reads + TRAFFIC[op].writes} tensors moved" if op in TRAFFIC else op,
+                     fontsize=10)
         ax.set_xlabel("elements per sample tensor")
         ax.set_ylabel("GB/s (minimal traffic)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(ops):]:
         ax.axis("off")
+    handles = [Line2D([], [], color=colors[p], linewidth=2.5, label=p) for p in providers]
+    if len(dtypes) > 1:
+        handles += [Line2D([], [], color="gray", linestyle=styles[d][0], marker=styles[d][1], label=d) for d in dtypes]
+    handles.append(Line2D([], [], color="black", linestyle="--", label=f"copy bandwidth {copy_gbps:.1f} GB/s"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     m = data.get("machine", {})
+    load = m.get("load_average")
+    load_txt = f", load {load[0]:.1f}" if load else ""
     fig.suptitle(f"ddpm_fast bench: {m.get('device', '?')} {m.get('device_name', '')}, torch {m.get('torch', '?')}, "
-                 f"{m.get('threads', '?')} threads ({data.get('created', '')})", fontsize=10)
-    fig.tight_layout()
+                 f"{m.get('threads', '?')} threads{load_txt} ({data.get('created', '')})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07 if nrows > 1 else 0.12, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
