@@ -23,7 +23,6 @@ CUDA graph). Neither: a seed drawn from torch's global CPU generator.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
