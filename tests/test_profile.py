@@ -82,10 +82,8 @@ def test_profile_skips_an_unavailable_provider(tmp_path, capsys):
 
 
 def test_profile_cli_help():
-    r = subprocess.run([sys.executable, "-m", "ddpm_fast", "profile", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "--op" in r.stdout and "--out" in r.stdout
+    text = profile.build_parser().format_help()
+    assert "--op" in text and "--out" in text and "--shape" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,13 +185,11 @@ def test_ranges_skipped_inside_torch_compile():
 
 
 def test_env_var_switches_ranges_on():
+    """DDPM_FAST_NVTX=1 (read at import) switches ranges on; unset, they are off (checked in process)."""
     code = "from ddpm_fast import nvtx; print(nvtx.is_enabled())"
     env = dict(os.environ, DDPM_FAST_NVTX="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr
-    env["DDPM_FAST_NVTX"] = "0"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "False", r.stderr
 
 
 def test_lazy_export():
