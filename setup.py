@@ -39,13 +39,13 @@ log(f"DDPM_FAST_SKIP_NATIVE={int(SKIP_NATIVE)} DDPM_FAST_FORCE_CUDA={int(FORCE_C
 
 CPU_SOURCES = [
     "csrc/torch_bindings.cpp",
-    "csrc/cpu/cpu_ops.cpp",
+    "csrc/torch/cpu_ops.cpp",
     "csrc/cpu/dispatch.cpp",
     "csrc/cpu/kernels_baseline.cpp",
     "csrc/cpu/kernels_avx2.cpp",
     "csrc/cpu/kernels_avx512.cpp",
 ]
-CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/cuda_ops.cu"]
+CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/torch/cuda_ops.cu"]
 # -fno-math-errno / -fno-trapping-math let GCC vectorise sqrt and if-convert the selects of the
 # noise loops; neither changes a result (no -ffast-math: §3 needs IEEE arithmetic).
 CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]

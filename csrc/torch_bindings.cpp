@@ -1,5 +1,5 @@
 // The op schemas of the ddpm_fast library (declared once here; implemented per device in
-// cpu/cpu_ops.cpp and cuda/cuda_ops.cu) and build_info(), the only pybind11 function.
+// torch/cpu_ops.cpp and torch/cuda_ops.cu) and build_info(), the only pybind11 function.
 // Argument conventions are those of ddpm_fast/ops.py's backend interface.
 #include <Python.h>
 #include <pybind11/pybind11.h>

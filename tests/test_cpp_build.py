@@ -5,7 +5,7 @@
   conversions, formulas), then ``ctest`` runs them.
 * ``nvcc -std=c++17 -arch=sm_90 -c`` compiles every ``.cu`` file under ``csrc/`` that includes no
   torch header (no GPU needed), so a CUDA compile error fails here. The torch CUDA glue
-  (``csrc/cuda/cuda_ops.cu``) needs a CUDA build of torch and is compiled by ``setup.py`` there.
+  (``csrc/torch/cuda_ops.cu``) needs a CUDA build of torch and is compiled by ``setup.py`` there.
 Skipped, with the reason, where cmake or nvcc is missing.
 """
 import os
@@ -54,10 +54,11 @@ def _includes_torch(path):
 
 
 def test_cuda_sources_exist_and_glue_is_known():
+    # csrc/cuda holds only torch-free kernels (the benchmark and CMake compile csrc/cuda/*.cu alone)
     sources = [os.path.relpath(p, ROOT) for p in _cuda_sources()]
     assert "csrc/cuda/kernels.cu" in sources
     torch_glue = [p for p in sources if _includes_torch(os.path.join(ROOT, p))]
-    assert torch_glue == ["csrc/cuda/cuda_ops.cu"], torch_glue
+    assert torch_glue == ["csrc/torch/cuda_ops.cu"], torch_glue
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")

@@ -9,7 +9,7 @@
 
 #include <cmath>
 
-#include "../op_args.h"
+#include "op_args.h"
 #include "ddpm_fast/cuda_kernels.h"
 
 namespace ddpm_fast {

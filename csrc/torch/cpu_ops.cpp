@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../op_args.h"
+#include "op_args.h"
 #include "ddpm_fast/cpu_kernels.h"
 
 namespace ddpm_fast {
