@@ -202,6 +202,19 @@ def sqrt64(x):
 
 
 @triton.jit
+def to_dtype(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. Compiled kernels get it from ``.to``;
+    the interpreter truncates fp32 -> bf16 (numpy has no bf16), so there the value is first rounded
+    to the nearest bf16 in fp32 bits (ties to even, NaN kept) and the truncation is then exact."""
+    if dtype == tl.bfloat16:
+        if not COMPILED:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
 def clamp_keep_nan(x, lo, hi):
     """clamp(x, lo, hi) that keeps NaN (as torch.clamp): NaN compares false and passes."""
     return tl.where(x < lo, lo, tl.where(x > hi, hi, x))

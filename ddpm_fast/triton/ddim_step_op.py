@@ -62,9 +62,11 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
             z = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
                             NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
             x_prev = x_prev + sigma.to(tl.float32) * z
-        tl.store(out_ptr + row * N + cols, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+        x_prev = H.to_dtype(x_prev, out_ptr.dtype.element_ty, USE_LIBDEVICE)
+        tl.store(out_ptr + row * N + cols, x_prev, mask=mask)
         if WRITE_X0:
-            tl.store(x0_ptr + row * N + cols, x0_hat.to(x0_ptr.dtype.element_ty), mask=mask)
+            x0_hat = H.to_dtype(x0_hat, x0_ptr.dtype.element_ty, USE_LIBDEVICE)
+            tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
 
 
 _tuned = H.maybe_autotune(_ddim_step_kernel)

@@ -98,7 +98,7 @@ def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_
     w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
     scale = tl.load(grad_ptr + row).to(tl.float32) * w * (2.0 * inv_n)
     g = scale * (mo - _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET))
-    tl.store(out_ptr + row * N + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * N + cols, H.to_dtype(g, out_ptr.dtype.element_ty, USE_LIBDEVICE), mask=mask)
 
 
 _tuned_fwd = H.maybe_autotune(_loss_fwd_kernel)

@@ -19,7 +19,7 @@ def _gaussian_noise_kernel(out_ptr, seed_ptr, offset_ptr, B, N,
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     z = H.row_noise(out_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
                     2, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
-    tl.store(out_ptr + row * N + cols, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * N + cols, H.to_dtype(z, out_ptr.dtype.element_ty, USE_LIBDEVICE), mask=mask)
 
 
 _tuned = H.maybe_autotune(_gaussian_noise_kernel)

@@ -24,7 +24,7 @@ def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offs
     eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
                       NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
     x_t = sqrt_abar * x0 + sqrt_1m_abar * eps
-    tl.store(out_ptr + row * N + cols, x_t.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * N + cols, H.to_dtype(x_t, out_ptr.dtype.element_ty, USE_LIBDEVICE), mask=mask)
 
 
 _tuned = H.maybe_autotune(_q_sample_kernel)

@@ -481,6 +481,8 @@ def test_vlb_loss(prediction_type, variance_type):
     scale = want64.abs().clamp(min=1.0)
     assert bool(((got.detach().double() - want64).abs() <= ref_err + FP32_TOL * scale).all()), (got, want, want64)
     _record("vlb_loss", torch.float32, got, want)
+    _record("vlb_loss(vs float64)", torch.float32, got, want64)
+    _record("vlb_loss(fp32 ref vs float64)", torch.float32, want, want64)
     assert_close("vlb_loss.grad", g_tri, mo.grad, atol=1e-5 * max(1.0, float(mo.grad.abs().max())))
 
 
