@@ -12,6 +12,10 @@
 #include "ddpm_fast/formulas.h"
 #include "ddpm_fast/philox.h"
 
+// The vectorisable math of the CPU kernels, instantiated here in a namespace of its own.
+#define DDPM_CPU_NS unit_test
+#include "vec_math.h"
+
 using namespace ddpm_fast;
 
 static int g_failures = 0;
@@ -96,6 +100,35 @@ static void test_normals_table() {
   }
 }
 
+// The CPU kernels' log / sincos(2 pi u) / exp against double precision, over every uniform the
+// contract can produce (2^23 values), including the u = 1 - 2^-24 end where an approximate log can
+// come out positive and make the radius NaN.
+static void test_vector_math() {
+  namespace vm = ddpm_fast::cpu::unit_test;
+  double worst_log = 0, worst_trig = 0;
+  for (uint32_t r = 0; r < (1u << 23); ++r) {
+    const float u = uniform_from_bits(r << 9);
+    const double ref = std::log(static_cast<double>(u));
+    worst_log = std::fmax(worst_log, std::fabs(vm::vec_log(u) - ref) / std::fabs(ref));
+    float s, c;
+    vm::vec_sincos_2pi(u, &s, &c);
+    const double theta = 2.0 * 3.14159265358979323846 * static_cast<double>(u);
+    worst_trig = std::fmax(worst_trig, std::fmax(std::fabs(s - std::sin(theta)), std::fabs(c - std::cos(theta))));
+  }
+  CHECK(worst_log < 5e-7, "vec_log worst relative error %g", worst_log);
+  CHECK(worst_trig < 5e-7, "vec_sincos_2pi worst absolute error %g", worst_trig);
+  const float top = uniform_from_bits(0xffffffffu);
+  CHECK(vm::vec_log(top) < 0.0f, "log(1 - 2^-24) = %g must be negative", vm::vec_log(top));
+  CHECK(std::isfinite(std::sqrt(-2.0f * vm::vec_log(top))), "radius at u = 1 - 2^-24 is finite");
+  for (float x : {-100.0f, -10.0f, -1.0f, -1e-3f, 0.0f, 0.5f, 1.0f, 10.0f, 80.0f}) {
+    const double ref = std::exp(static_cast<double>(x));
+    CHECK(std::fabs(vm::vec_exp(x) - ref) <= 4e-7 * ref + 1e-38, "vec_exp(%g) = %g, expected %g", x, vm::vec_exp(x),
+          ref);
+  }
+  CHECK(std::isinf(vm::vec_exp(100.0f)) && vm::vec_exp(-200.0f) == 0.0f, "vec_exp saturates to inf and 0");
+  CHECK(std::isnan(vm::vec_exp(NAN)), "vec_exp keeps NaN");
+}
+
 static void test_dtype_round_trips() {
   // every half and bf16 bit pattern converts to float and back unchanged (NaN stays NaN)
   for (uint32_t h = 0; h < 0x10000u; ++h) {
@@ -157,6 +190,7 @@ int main() {
   test_philox_known_answers();
   test_uniforms();
   test_normals_table();
+  test_vector_math();
   test_dtype_round_trips();
   test_formulas();
   std::printf("%s (%d failures); CPU kernels: %s, built: %s\n", g_failures ? "FAILED" : "OK", g_failures,
