@@ -770,13 +770,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device to measure (default: cuda when available, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help="a small set, fast: shapes 10000x2 and 64x3x32x32, fp32, no torch.compile, few repeats")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=None, help=f"ops to measure (default: all of {OPS})")
-    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
-                   help="dtypes (default: fp32 bf16; --quick: fp32)")
-    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+    p.add_argument("--ops", nargs="+", choices=OPS, default=None, metavar="OP",
+                   help=f"ops to measure, of: {', '.join(OPS)} (default: all)")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None, metavar="DTYPE",
+                   help="dtypes, of: fp32 bf16 fp16 fp64 (default: fp32 bf16; --quick: fp32)")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="SHAPE",
                    help="sample shapes like 64x3x32x32 (default: 10000x2 4x4x64x64 64x3x32x32, plus "
                         f"{shape_str(CUDA_LARGE_SHAPE)} on CUDA)")
-    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None, help="only these providers")
+    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None, metavar="PROVIDER",
+                   help=f"only these providers, of: {', '.join(repr(p) for p in ALL_PROVIDERS)}")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include reference+compile (default on, off with --quick)")
     p.add_argument("--no-compile", dest="compile", action="store_false")

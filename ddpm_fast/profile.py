@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="GB/s* = the op's minimal bytes per run / that entry's time per run: the "
                                        "achieved bandwidth of a kernel that does the whole op alone.")
-    p.add_argument("--op", nargs="+", choices=PROFILE_OPS, default=None,
-                   help=f"ops to profile (default: {' '.join(_DEFAULT_OPS)}); 'sample' is a short sampling loop")
+    p.add_argument("--op", nargs="+", choices=PROFILE_OPS, default=None, metavar="OP",
+                   help=f"ops to profile, of: {', '.join(PROFILE_OPS)} (default: {' '.join(_DEFAULT_OPS)}); "
+                        "'sample' is a short sampling loop")
     p.add_argument("--shape", type=bench.parse_shape, default=None,
                    help="sample shape like 64x3x32x32 (default: 64x3x32x32 on CPU, "
                         f"{bench.shape_str(bench.CUDA_LARGE_SHAPE)} on CUDA)")
