@@ -100,6 +100,16 @@ def native_extension():
     class TolerantBuild(BuildExtension):
         """Builds the extension; a failure is a warning and a pure-Python install."""
 
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # e.g. no working compiler: torch's ABI check fails before any build
+                log(f"WARNING: building the native extension failed: {type(e).__name__}: {e}")
+                log("WARNING: installing without it; ddpm_fast.backends() reports native as unavailable")
+                for ext_ in self.extensions:
+                    for d in {os.path.dirname(self.get_ext_fullpath(ext_.name)), os.path.join(HERE, "ddpm_fast")}:
+                        write_build_info(d, dict(info, built=False, error=f"{type(e).__name__}: {e}"))
+
         def build_extension(self, extension):
             # next to the built library, and in the source package (editable installs copy only
             # the library there)
