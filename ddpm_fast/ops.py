@@ -119,47 +119,70 @@ def _check_same_device(device: torch.device, **tensors) -> None:
                              "all tensors must be on one device")
 
 
-def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: int = 0,
-               allow_none: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+class _HostSteps:
+    """Timestep values known on the host (no device sync): ``lo``/``hi`` and, for per-row CPU
+    tensors, the values themselves (``None`` for one value broadcast over the batch)."""
+
+    __slots__ = ("values", "lo", "hi")
+
+    def __init__(self, values: Optional[torch.Tensor], lo: int, hi: int):
+        self.values, self.lo, self.hi = values, lo, hi
+
+    def shifted(self, delta: int) -> "_HostSteps":
+        return _HostSteps(None if self.values is None else self.values + delta, self.lo + delta, self.hi + delta)
+
+    def as_list(self, batch: int):
+        return [self.lo] * batch if self.values is None else self.values.tolist()
+
+
+def _any_ge(a: _HostSteps, b: _HostSteps, batch: int) -> bool:
+    """Whether a >= b in some row."""
+    if a.values is None and b.values is None:
+        return a.lo >= b.lo
+    return any(x >= y for x, y in zip(a.as_list(batch), b.as_list(batch)))
+
+
+def _range_error(name, low, T, lo, hi):
+    lo_txt = "any negative value (the final step)" if low == _PAST_END else low
+    return ValueError(f"{name} must lie in [{lo_txt}, {T}) for this schedule, got values in [{lo}, {hi}]")
+
+
+def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: int = 0
+               ) -> Tuple[torch.Tensor, Optional[_HostSteps]]:
     """Normalise a timestep argument to a ``(B,)`` int64 tensor on ``device``. Returns it and,
-    when its values are known on the host without a device sync, the host copy (else None)."""
+    when its values are known on the host without a device sync, a :class:`_HostSteps`."""
     if isinstance(t, bool):
         raise TypeError(f"{name} must be an int or an int64 tensor, got bool")
-    if isinstance(t, int):
-        host = torch.full((batch,), t, dtype=torch.int64)
-    elif isinstance(t, torch.Tensor):
-        if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
-        if t.dim() == 0:
-            if t.device.type == "cpu":
-                host = torch.full((batch,), int(t), dtype=torch.int64)
-            else:
-                _check_same_device(device, **{name: t})
-                host = None
-                t = t.to(torch.int64).expand(batch)
-        elif t.dim() == 1 and t.shape[0] == batch:
-            if t.device.type == "cpu" and device.type == "cpu":
-                host = t.to(torch.int64)
-            else:
-                _check_same_device(device, **{name: t})
-                host = None
-                t = t.to(torch.int64)
-        else:
-            raise ValueError(f"{name} must be an int, a 0-d tensor or a ({batch},) tensor, got shape "
-                             f"{tuple(t.shape)}")
-    else:
+    if isinstance(t, int):  # the fast path of a sampling loop: no host tensor, one fill
+        if t < low or t >= T:
+            raise _range_error(name, low, T, t, t)
+        return torch.full((batch,), t, dtype=torch.int64, device=device), _HostSteps(None, t, t)
+    if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
-    if host is not None:
-        lo, hi = int(host.min()), int(host.max())
-        if lo < low or hi >= T:
-            lo_txt = "any negative value (the final step)" if low == _PAST_END else low
-            raise ValueError(f"{name} must lie in [{lo_txt}, {T}) for this schedule, got values in [{lo}, {hi}]")
-        return host.to(device), host
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+    if t.dim() == 0:
+        if t.device.type == "cpu":
+            return _timesteps(name, int(t), batch, device, T, low=low)
+        _check_same_device(device, **{name: t})
+        host, t = None, t.to(torch.int64).expand(batch)
+    elif t.dim() == 1 and t.shape[0] == batch:
+        if t.device.type == "cpu" and device.type == "cpu":
+            t = t.to(torch.int64)
+            lo, hi = int(t.min()), int(t.max())
+            if lo < low or hi >= T:
+                raise _range_error(name, low, T, lo, hi)
+            return t.contiguous(), _HostSteps(t, lo, hi)
+        _check_same_device(device, **{name: t})
+        host, t = None, t.to(torch.int64)
+    else:
+        raise ValueError(f"{name} must be an int, a 0-d tensor or a ({batch},) tensor, got shape "
+                         f"{tuple(t.shape)}")
     if _debug_checks:
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= T:
-            raise ValueError(f"{name} must lie in [{low}, {T}) for this schedule, got values in [{lo}, {hi}]")
-    return t.contiguous(), None
+            raise _range_error(name, low, T, lo, hi)
+    return t.contiguous(), host
 
 
 def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], what: str):
@@ -186,13 +209,29 @@ def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], w
     return None, _seed_tensor(seed, shape[0], device), _offset_tensor(offset, device)
 
 
+_SCALAR_CACHE: dict = {}
+
+
+def _int64_scalar(value: int, device: torch.device) -> torch.Tensor:
+    """A cached ``(1,)`` int64 tensor holding ``value`` on ``device`` (read-only for backends):
+    saves the allocation and, on CUDA, the host-to-device copy of a repeated seed or offset."""
+    key = (value, device)
+    cached = _SCALAR_CACHE.get(key)
+    if cached is None:
+        if len(_SCALAR_CACHE) >= 1024:
+            _SCALAR_CACHE.clear()
+        cached = torch.tensor([value], dtype=torch.int64, device=device)
+        _SCALAR_CACHE[key] = cached
+    return cached
+
+
 def _seed_tensor(seed, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(seed, bool):
         raise TypeError("seed must be an int or an int64 tensor, got bool")
     if isinstance(seed, int):
         if not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
-        return torch.tensor([seed], dtype=torch.int64, device=device)
+        return _int64_scalar(seed, device)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed must be an int64 tensor, got dtype {seed.dtype}")
@@ -213,7 +252,7 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
     if isinstance(offset, int):
         if not 0 <= offset < 2 ** 63:
             raise ValueError(f"offset must lie in [0, 2**63), got {offset}")
-        return torch.tensor([offset], dtype=torch.int64, device=device)
+        return _int64_scalar(offset, device)
     if isinstance(offset, torch.Tensor):
         if offset.dtype != torch.int64 or offset.numel() != 1:
             raise ValueError(f"offset must be an int or a 0-d int64 tensor, got {offset.dtype} of shape "
@@ -358,13 +397,13 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
     tt, t_host = _timesteps("t", t, B, dev, T)
     if prev_t is None:
         pt = tt - 1
-        pt_host = None if t_host is None else t_host - 1
+        pt_host = None if t_host is None else t_host.shifted(-1)
     else:
         pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
-    if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
-        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
-                         f"prev_t={pt_host.tolist()}")
-    needed = None if t_host is None else bool((t_host > 0).any())
+    if t_host is not None and pt_host is not None and _any_ge(pt_host, t_host, B):
+        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.as_list(B)} "
+                         f"prev_t={pt_host.as_list(B)}")
+    needed = None if t_host is None else t_host.hi > 0
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=needed, what="ddpm_step")
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_prev, x0_hat = impl.ddpm_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
@@ -392,9 +431,9 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
     tt, t_host = _timesteps("t", t, B, dev, T)
     pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
-    if t_host is not None and pt_host is not None and bool((pt_host >= t_host).any()):
-        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.tolist()} "
-                         f"prev_t={pt_host.tolist()}")
+    if t_host is not None and pt_host is not None and _any_ge(pt_host, t_host, B):
+        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.as_list(B)} "
+                         f"prev_t={pt_host.as_list(B)}")
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=eta > 0, what="ddim_step")
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_prev, x0_hat = impl.ddim_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
@@ -428,9 +467,9 @@ def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, predic
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
     tt, t_host = _timesteps("t", t, B, dev, T)
     nt, nt_host = _timesteps("next_t", next_t, B, dev, T)
-    if t_host is not None and nt_host is not None and bool((nt_host <= t_host).any()):
-        raise ValueError(f"next_t must be larger than t in every row, got t={t_host.tolist()} "
-                         f"next_t={nt_host.tolist()}")
+    if t_host is not None and nt_host is not None and _any_ge(t_host, nt_host, B):
+        raise ValueError(f"next_t must be larger than t in every row, got t={t_host.as_list(B)} "
+                         f"next_t={nt_host.as_list(B)}")
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_next, x0_hat = impl.ddim_reverse_step(model_output, tt, nt, x_t, schedule.table(dev),
                                             prediction_type=prediction_type,
