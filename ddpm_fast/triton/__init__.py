@@ -1,6 +1,10 @@
 """The "triton" backend: Triton kernels for every op (REFERENCE §1, §3, §6), registered as
-``ddpm_fast_triton::<op>`` through ``torch.library.triton_op`` so ``torch.compile`` traces them and
-CUDA graphs capture them.
+``ddpm_fast_triton::<op>`` through ``torch.library.triton_op`` (``custom_op`` on a torch without it)
+with ``register_fake`` and autograd, so ``torch.compile`` traces them and CUDA graphs capture them.
+Ops: ``gaussian_noise``, ``q_sample``, ``ddpm_step``, ``ddim_step``, ``ddim_reverse_step`` (each step
+also as ``<op>_out``, writing into ``out``, which may be ``x_t``), ``diffusion_loss`` (+
+``diffusion_loss_backward``), ``vlb_loss``, with the signatures of ddpm_fast/ops.py's docstring
+(options as trailing positional arguments).
 
 Runs CUDA tensors where Triton is installed and a GPU is visible; CPU tensors only under
 ``TRITON_INTERPRET=1`` (the Triton interpreter, slow: for tests) and only when asked for by name
@@ -16,8 +20,13 @@ and launch utilities.
 Conventions shared by the kernels:
 * a 1-D grid of ``B * cdiv(N, BLOCK)`` programs, each inside one row (N = elements per sample
   row), so a row's coefficients are computed once per program in float64 from ``abar[t]`` and
-  ``abar[prev_t]`` (loaded from the float64 table on the device) and rounded to fp32; int64
-  indices throughout;
+  ``abar[prev_t]`` (loaded from the float64 table on the device) and rounded to fp32; rows shorter
+  than ``_helpers.FLAT_ROW_MIN`` (2-D toy data) run on a flat grid over all elements with the row
+  and its coefficients per element; int64 indices throughout; a device timestep outside the
+  table gives NaN in its row (no out-of-bounds read, no host sync);
+* the noise: one Philox4x32-10 call per quad of consecutive indices (four normals, interleaved
+  back with ``tl.join``/``tl.reshape``) where a block's indices are consecutive from a multiple of
+  4, else per element;
 * seed and offset are read from device tensors (pointer loads): a CUDA graph that increments its
   offset tensor in place draws fresh noise on each replay;
 * strided inputs are copied to contiguous ones first (an explicit ``.contiguous()`` in the

@@ -107,9 +107,22 @@ def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bo
     return None
 
 
+# torch >= 2.6 has triton_op/wrap_triton (torch.compile then sees the kernels themselves and CUDA
+# graphs capture them); older torch gets an opaque custom_op with the same schema.
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def register_op(name: str, *, mutates_args):
+    """``torch.library.triton_op`` where the installed torch has it, else ``custom_op``."""
+    if _HAS_TRITON_OP:
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+    return torch.library.custom_op(name, mutates_args=mutates_args)
+
+
 def _wrap(kernel):
-    """``torch.library.wrap_triton`` so that torch.compile traces the launch (a no-op wrapper in eager)."""
-    return torch.library.wrap_triton(kernel)
+    """``torch.library.wrap_triton`` so that torch.compile traces the launch (a no-op wrapper in
+    eager); the kernel itself where torch has no wrap_triton (its ops are custom_ops then)."""
+    return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
 
 
 def num_blocks(N: int, block: int) -> int:

@@ -118,7 +118,7 @@ def _fake_pair(x_t, return_x0):
 # --------------------------------------------------------------------------------------------
 # ddim_step
 # --------------------------------------------------------------------------------------------
-@torch.library.triton_op("ddpm_fast_triton::ddim_step", mutates_args={})
+@H.register_op("ddpm_fast_triton::ddim_step", mutates_args={})
 def ddim_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
               alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], eta: float, prediction_type: str, use_clipped_model_output: bool,
@@ -142,7 +142,7 @@ def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, pr
     return _fake_pair(x_t, return_x0)
 
 
-@torch.library.triton_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
+@H.register_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
 def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
                   alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                   offset: Optional[torch.Tensor], eta: float, prediction_type: str, use_clipped_model_output: bool,
@@ -202,7 +202,7 @@ def _reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip
                 allow_tune=allow_tune)
 
 
-@torch.library.triton_op("ddpm_fast_triton::ddim_reverse_step", mutates_args={})
+@H.register_op("ddpm_fast_triton::ddim_reverse_step", mutates_args={})
 def ddim_reverse_step(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
                       alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
                       clip_sample: bool, clip_sample_range: float, thresholding: bool,
@@ -222,7 +222,7 @@ def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped
     return _fake_pair(x_t, return_x0)
 
 
-@torch.library.triton_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
+@H.register_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
 def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
                           alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
                           clip_sample: bool, clip_sample_range: float, thresholding: bool,

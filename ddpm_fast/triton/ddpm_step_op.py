@@ -121,7 +121,7 @@ def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, o
     return x0_hat
 
 
-@torch.library.triton_op("ddpm_fast_triton::ddpm_step", mutates_args={})
+@H.register_op("ddpm_fast_triton::ddpm_step", mutates_args={})
 def ddpm_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
               alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], prediction_type: str, variance_type: str, clip_sample: bool,
@@ -143,7 +143,7 @@ def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, predict
     return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
 
 
-@torch.library.triton_op("ddpm_fast_triton::ddpm_step_out", mutates_args={"out"})
+@H.register_op("ddpm_fast_triton::ddpm_step_out", mutates_args={"out"})
 def ddpm_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
                   alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                   offset: Optional[torch.Tensor], prediction_type: str, variance_type: str, clip_sample: bool,

@@ -111,7 +111,7 @@ def _noise_ptrs(noise, seed, offset, dev):
             offset if offset is not None else i64)
 
 
-@torch.library.triton_op("ddpm_fast_triton::diffusion_loss", mutates_args={})
+@H.register_op("ddpm_fast_triton::diffusion_loss", mutates_args={})
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                    noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                    target: str, snr_gamma: Optional[float]) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _(model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamm
     return x0.new_empty((x0.shape[0],), dtype=torch.float32)
 
 
-@torch.library.triton_op("ddpm_fast_triton::diffusion_loss_backward", mutates_args={})
+@H.register_op("ddpm_fast_triton::diffusion_loss_backward", mutates_args={})
 def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                             alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor],
                             seed: Optional[torch.Tensor], offset: Optional[torch.Tensor], target: str,

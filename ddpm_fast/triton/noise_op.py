@@ -25,7 +25,7 @@ def _gaussian_noise_kernel(out_ptr, seed_ptr, offset_ptr, B, N,
 _tuned = H.maybe_autotune(_gaussian_noise_kernel)
 
 
-@torch.library.triton_op("ddpm_fast_triton::gaussian_noise", mutates_args={})
+@H.register_op("ddpm_fast_triton::gaussian_noise", mutates_args={})
 def gaussian_noise(shape: List[int], seed: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(shape, device=seed.device, dtype=dtype)
     B = shape[0]

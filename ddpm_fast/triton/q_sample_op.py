@@ -30,7 +30,7 @@ def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offs
 _tuned = H.maybe_autotune(_q_sample_kernel)
 
 
-@torch.library.triton_op("ddpm_fast_triton::q_sample", mutates_args={})
+@H.register_op("ddpm_fast_triton::q_sample", mutates_args={})
 def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor],
              seed: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> torch.Tensor:
     x0c = x0.contiguous()  # explicit copy for strided inputs: the kernel indexes row-major

@@ -101,7 +101,7 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
 _tuned = H.maybe_autotune(_vlb_kernel)
 
 
-@torch.library.triton_op("ddpm_fast_triton::vlb_loss", mutates_args={})
+@H.register_op("ddpm_fast_triton::vlb_loss", mutates_args={})
 def vlb_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
              alphas_cumprod: torch.Tensor, prediction_type: str, variance_type: str) -> torch.Tensor:
     dev = x0.device
