@@ -134,21 +134,21 @@ def test_noise_known_answers(seed, offset, values):
 
 
 @triton.jit
-def _normals_at_kernel(idx_ptr, out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+def _normals_at_kernel(idx_ptr, out_ptr, seed, offset, n, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     i = tl.arange(0, BLOCK)
     m = i < n
     idx = tl.load(idx_ptr + i, mask=m, other=0)
-    z = H.normals_at(seed.to(tl.int64), offset.to(tl.int64), idx, False)
+    z = H.normals_at(seed.to(tl.int64), offset.to(tl.int64), idx, USE_LIBDEVICE)
     tl.store(out_ptr + i, z, mask=m)
 
 
 @triton.jit
-def _box_muller_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _box_muller_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     i = tl.arange(0, BLOCK)
     m = i < n
     ra = tl.load(ra_ptr + i, mask=m, other=0).to(tl.uint32)
     rb = tl.load(rb_ptr + i, mask=m, other=0).to(tl.uint32)
-    c, s = H.box_muller(ra, rb, False)
+    c, s = H.box_muller(ra, rb, USE_LIBDEVICE)
     tl.store(out_ptr + i, c, mask=m)
     tl.store(out_ptr + n + i, s, mask=m)
 
@@ -157,7 +157,7 @@ def test_noise_index_past_2_32():
     """i = 4 * 2^32 + 3 uses the high counter word (c1): the §3 known answer +0.3931865."""
     idx = torch.tensor([17179869187, 4, 5, 0], dtype=torch.int64, device=DEVICE)
     out = torch.empty(4, dtype=torch.float32, device=DEVICE)
-    _normals_at_kernel[(1,)](idx, out, 0x123456789AB, 7, 4, BLOCK=4)
+    _normals_at_kernel[(1,)](idx, out, 0x123456789AB, 7, 4, BLOCK=4, USE_LIBDEVICE=H.use_libdevice(DEVICE))
     assert_close("gaussian_noise", out, torch.tensor([0.3931865, -1.1643815, -2.3782302, 1.6177623],
                                                      dtype=torch.float64), atol=1e-5 + 5e-8)
 
@@ -168,8 +168,8 @@ def test_uniform_ends_give_finite_normals():
     words = torch.tensor([0xFFFFFFFF, 0xFFFFFFFF, 0, 0, 0xFFFFFE00, 0x200], dtype=torch.int64)
     partners = torch.tensor([0, 0x40000000, 0, 0x12345678, 0xFFFFFFFF, 7], dtype=torch.int64)
     out = torch.empty(2 * len(words), dtype=torch.float32, device=DEVICE)
-    _box_muller_kernel[(1,)](words.to(torch.int32).to(DEVICE) if False else words.to(DEVICE),
-                             partners.to(DEVICE), out, len(words), BLOCK=8)
+    _box_muller_kernel[(1,)](words.to(DEVICE), partners.to(DEVICE), out, len(words), BLOCK=8,
+                             USE_LIBDEVICE=H.use_libdevice(DEVICE))
     from ddpm_fast.noise import box_muller
     c, s = box_muller(words, partners)
     want = torch.cat([c, s])
