@@ -25,6 +25,7 @@
 
 #ifndef DDPM_FAST_BENCH_COPY_ONLY
 #include "ddpm_fast/cuda_kernels.h"
+#include "ddpm_fast/dtype.h"
 #endif
 
 #define CHECK_CUDA(expr)                                                                          \
@@ -122,14 +123,60 @@ bool wanted(const Options& opt, const std::string& name) {
 }
 #endif
 
-void print_row(const char* name, const char* dtype, double ms, double bytes, double copy_gbps) {
+void print_row(const char* name, const char* dtype, double ms, double bytes, double copy_gbps,
+               const std::string& check = "") {
   const double gbps = bytes / (ms * 1e-3) / 1e9;
   if (copy_gbps > 0)
-    std::printf("%-28s %-5s %10.4f %10.1f %7.1f%%\n", name, dtype, ms, gbps, 100.0 * gbps / copy_gbps);
+    std::printf("%-28s %-5s %10.4f %10.1f %7.1f%%  %s\n", name, dtype, ms, gbps, 100.0 * gbps / copy_gbps,
+                check.c_str());
   else
-    std::printf("%-28s %-5s %10.4f %10.1f %8s\n", name, dtype, ms, gbps, "-");
+    std::printf("%-28s %-5s %10.4f %10.1f %8s  %s\n", name, dtype, ms, gbps, "-", check.c_str());
   std::fflush(stdout);
 }
+
+#ifndef DDPM_FAST_BENCH_COPY_ONLY
+// A sanity check of what a kernel wrote (a kernel that writes nothing would time well): every
+// value finite, and for noise the mean and standard deviation.
+std::string check_output(const void* d, ddpm_fast::DType dt, int64_t n, bool normal, cudaStream_t stream) {
+  using ddpm_fast::DType;
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  const int es = dt == DType::kFloat64 ? 8 : (dt == DType::kFloat32 ? 4 : 2);
+  std::vector<unsigned char> h(size_t(n) * es);
+  CHECK_CUDA(cudaMemcpy(h.data(), d, h.size(), cudaMemcpyDeviceToHost));
+  int64_t bad = 0;
+  double sum = 0, sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double v;
+    if (dt == DType::kFloat64) {
+      std::memcpy(&v, &h[size_t(i) * 8], 8);
+    } else if (dt == DType::kFloat32) {
+      float f;
+      std::memcpy(&f, &h[size_t(i) * 4], 4);
+      v = f;
+    } else {
+      uint16_t u;
+      std::memcpy(&u, &h[size_t(i) * 2], 2);
+      v = dt == DType::kFloat16 ? ddpm_fast::half_bits_to_float(u) : ddpm_fast::bf16_bits_to_float(u);
+    }
+    if (!std::isfinite(v)) {
+      ++bad;
+      continue;
+    }
+    sum += v;
+    sq += v * v;
+  }
+  char buf[96];
+  if (bad) {
+    std::snprintf(buf, sizeof(buf), "CHECK FAILED: %lld of %lld values not finite", (long long)bad, (long long)n);
+  } else if (normal) {
+    const double mean = sum / n;
+    std::snprintf(buf, sizeof(buf), "mean %+.4f, std %.4f", mean, std::sqrt(sq / n - mean * mean));
+  } else {
+    std::snprintf(buf, sizeof(buf), "finite");
+  }
+  return buf;
+}
+#endif
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -200,7 +247,7 @@ int main(int argc, char** argv) {
               prop.name, prop.major, prop.minor, prop.multiProcessorCount, (long long)n, (long long)B,
               (long long)N, opt.iters, opt.repeats);
   std::printf("GB/s = the op's minimal traffic / time; %%copy = share of the vector copy kernel's GB/s\n\n");
-  std::printf("%-28s %-5s %10s %10s %8s\n", "kernel", "dtype", "ms", "GB/s", "%copy");
+  std::printf("%-28s %-5s %10s %10s %8s  %s\n", "kernel", "dtype", "ms", "GB/s", "%copy", "check of the output");
 
   // ---- copy baselines: n fp32 elements read + written -------------------------------------
   const size_t copy_bytes = size_t(n) * sizeof(float);
@@ -298,14 +345,14 @@ int main(int argc, char** argv) {
     if (wanted(opt, "gaussian_noise")) {
       NoiseFillArgs a;
       a.out = out, a.dtype = dt, a.B = B, a.N = N, a.noise = philox;
-      print_row("gaussian_noise", dn, median_ms([&]() { CHECK_CUDA(kern::launch_gaussian_noise(a, stream)); }, opt, stream),
-                S, copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_gaussian_noise(a, stream)); }, opt, stream);
+      print_row("gaussian_noise", dn, ms, S, copy_gbps, check_output(out, dt, n, true, stream));
     }
     if (wanted(opt, "q_sample")) {
       QSampleArgs a;
       a.x0 = x0, a.x0_dtype = dt, a.x_t = out, a.t = d_trows, a.abar = d_abar, a.B = B, a.N = N, a.noise = philox;
-      print_row("q_sample", dn, median_ms([&]() { CHECK_CUDA(kern::launch_q_sample(a, stream)); }, opt, stream), 2 * S,
-                copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_q_sample(a, stream)); }, opt, stream);
+      print_row("q_sample", dn, ms, 2 * S, copy_gbps, check_output(out, dt, n, false, stream));
     }
     StepArgs ddpm;
     ddpm.kind = StepKind::kDdpm;
@@ -314,44 +361,44 @@ int main(int argc, char** argv) {
     ddpm.prediction = Prediction::kEpsilon, ddpm.variance = Variance::kFixedSmall, ddpm.clip_sample = true;
     ddpm.noise = philox;
     if (wanted(opt, "ddpm_step")) {
-      print_row("ddpm_step (eps, fixed_small)", dn,
-                median_ms([&]() { CHECK_CUDA(kern::launch_step(ddpm, stream)); }, opt, stream), 3 * S, copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_step(ddpm, stream)); }, opt, stream);
+      print_row("ddpm_step (eps, fixed_small)", dn, ms, 3 * S, copy_gbps, check_output(out, dt, n, false, stream));
     }
     if (wanted(opt, "ddpm_step_learned")) {
       StepArgs a = ddpm;  // model_output has 2C channels: reads 2 sample tensors of it
       a.variance = Variance::kLearnedRange;
-      print_row("ddpm_step_learned_range", dn, median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream),
-                4 * S, copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream);
+      print_row("ddpm_step_learned_range", dn, ms, 4 * S, copy_gbps, check_output(out, dt, n, false, stream));
     }
     if (wanted(opt, "ddim_step")) {
       StepArgs a = ddpm;
       a.kind = StepKind::kDdim, a.eta = 0.0, a.noise = NoiseArgs();
-      print_row("ddim_step (eta=0)", dn, median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream),
-                3 * S, copy_gbps);
+      double ms = median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream);
+      print_row("ddim_step (eta=0)", dn, ms, 3 * S, copy_gbps, check_output(out, dt, n, false, stream));
       a.eta = 1.0, a.noise = philox;
-      print_row("ddim_step (eta=1)", dn, median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream),
-                3 * S, copy_gbps);
+      ms = median_ms([&]() { CHECK_CUDA(kern::launch_step(a, stream)); }, opt, stream);
+      print_row("ddim_step (eta=1)", dn, ms, 3 * S, copy_gbps, check_output(out, dt, n, false, stream));
     }
     LossArgs loss;
     loss.model_output = mo, loss.mo_dtype = dt, loss.x0 = x0, loss.x0_dtype = dt, loss.t = d_trows;
     loss.abar = d_abar, loss.B = B, loss.N = N, loss.target = Prediction::kEpsilon, loss.noise = philox;
     loss.grad = d_grad, loss.grad_model_output = grad_mo;
     if (wanted(opt, "loss_forward")) {
-      print_row("loss_forward", dn,
-                median_ms([&]() { CHECK_CUDA(kern::launch_loss_forward(loss, d_row_sums, stream)); }, opt, stream), 2 * S,
-                copy_gbps);
+      const double ms =
+          median_ms([&]() { CHECK_CUDA(kern::launch_loss_forward(loss, d_row_sums, stream)); }, opt, stream);
+      print_row("loss_forward", dn, ms, 2 * S, copy_gbps, check_output(d_row_sums, DType::kFloat64, B, false, stream));
     }
     if (wanted(opt, "loss_backward")) {
-      print_row("loss_backward", dn, median_ms([&]() { CHECK_CUDA(kern::launch_loss_backward(loss, stream)); }, opt, stream),
-                3 * S, copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_loss_backward(loss, stream)); }, opt, stream);
+      print_row("loss_backward", dn, ms, 3 * S, copy_gbps, check_output(grad_mo, dt, n, false, stream));
     }
     if (wanted(opt, "vlb")) {
       VlbArgs a;
       a.model_output = mo, a.mo_dtype = dt, a.x0 = x0, a.x0_dtype = dt, a.x_t = x_t, a.x_dtype = dt;
       a.t = d_trows, a.abar = d_abar, a.T = T, a.B = B, a.N = N;
       a.prediction = Prediction::kEpsilon, a.variance = Variance::kLearnedRange;
-      print_row("vlb (learned_range)", dn,
-                median_ms([&]() { CHECK_CUDA(kern::launch_vlb(a, d_row_sums, stream)); }, opt, stream), 4 * S, copy_gbps);
+      const double ms = median_ms([&]() { CHECK_CUDA(kern::launch_vlb(a, d_row_sums, stream)); }, opt, stream);
+      print_row("vlb (learned_range)", dn, ms, 4 * S, copy_gbps, check_output(d_row_sums, DType::kFloat64, B, false, stream));
     }
     CHECK_CUDA(cudaStreamSynchronize(stream));
     CHECK_CUDA(cudaGetLastError());
