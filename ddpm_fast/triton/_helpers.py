@@ -155,14 +155,15 @@ def row_and_block(B, N, BLOCK: tl.constexpr, FLAT: tl.constexpr):
     (the coefficients per element), ``blk`` the program id. int64 throughout: tensors past 2^31
     elements index correctly."""
     pid = tl.program_id(0).to(tl.int64)
+    n64 = tl.cast(N, tl.int64)     # N, B arrive as i32 below 2^31: keep every product in int64
     if FLAT:
         flat = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        row = flat // N
-        cols = flat - row * N
-        mask = flat < B * N
+        row = flat // n64
+        cols = flat - row * n64
+        mask = flat < tl.cast(B, tl.int64) * n64
         blk = pid
     else:
-        nblk = (N + BLOCK - 1) // BLOCK
+        nblk = (n64 + BLOCK - 1) // BLOCK
         row = pid // nblk
         blk = pid - row * nblk
         cols = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -347,9 +348,9 @@ def load_prediction(mo_ptr, row, cols, mask, B, N, guidance_scale,
     rows with guidance (unconditional first): ``uncond + w (cond - uncond)`` on the prediction,
     the variance values from the conditional half."""
     if LEARNED:
-        mo_row = 2 * N
+        mo_row = 2 * tl.cast(N, tl.int64)
     else:
-        mo_row = N
+        mo_row = tl.cast(N, tl.int64)
     pred = tl.load(mo_ptr + row * mo_row + cols, mask=mask, other=0.0).to(tl.float32)
     var_row = row
     if GUIDANCE:
