@@ -77,6 +77,11 @@ def native_extension():
     elif not with_cuda:
         why = "torch has no CUDA" if not torch.version.cuda else "nvcc was not found"
         log(f"building the CPU kernels only ({why})")
+    cxx_flags = list(CXX_FLAGS)
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP code when ATen uses OpenMP: without -fopenmp the glue's
+        # loops run on one thread. Compile-only: GOMP_* resolve to the runtime torch already loaded.
+        cxx_flags.append("-fopenmp")
     defines = [("DDPM_FAST_VERSION", f'"{VERSION}"'), ("DDPM_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     info = {"version": VERSION, "torch_version": torch.__version__, "cuda": with_cuda,
@@ -92,10 +97,10 @@ def native_extension():
                     include_dirs.append(inc)
         ext = CUDAExtension("ddpm_fast._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include_dirs,
                             define_macros=defines,
-                            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS})
     else:
         ext = CppExtension("ddpm_fast._C", CPU_SOURCES, include_dirs=include_dirs, define_macros=defines,
-                           extra_compile_args={"cxx": CXX_FLAGS})
+                           extra_compile_args={"cxx": cxx_flags})
 
     class TolerantBuild(BuildExtension):
         """Builds the extension; a failure is a warning and a pure-Python install."""
