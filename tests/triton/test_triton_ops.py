@@ -143,6 +143,12 @@ def _normals_at_kernel(idx_ptr, out_ptr, seed, offset, n, BLOCK: tl.constexpr, U
 
 
 @triton.jit
+def _normals_aligned_kernel(out_ptr, seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    z = H.normals_aligned(seed.to(tl.int64), offset.to(tl.int64), base.to(tl.int64), BLOCK, USE_LIBDEVICE)
+    tl.store(out_ptr + tl.arange(0, BLOCK), z)
+
+
+@triton.jit
 def _box_muller_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     i = tl.arange(0, BLOCK)
     m = i < n
@@ -160,6 +166,17 @@ def test_noise_index_past_2_32():
     _normals_at_kernel[(1,)](idx, out, 0x123456789AB, 7, 4, BLOCK=4, USE_LIBDEVICE=H.use_libdevice(DEVICE))
     assert_close("gaussian_noise", out, torch.tensor([0.3931865, -1.1643815, -2.3782302, 1.6177623],
                                                      dtype=torch.float64), atol=1e-5 + 5e-8)
+
+
+@pytest.mark.parametrize("base", [0, 4 * 2 ** 32 - 8, 2 ** 62])
+def test_quad_path_at_large_indices(base):
+    """The one-Philox-per-quad path (normals interleaved back with join/reshape) at indices whose
+    quad counter needs both 32-bit words."""
+    out = torch.empty(16, dtype=torch.float32, device=DEVICE)
+    _normals_aligned_kernel[(1,)](out, 0x123456789AB, 2 ** 40 + 3, base, BLOCK=16,
+                                  USE_LIBDEVICE=H.use_libdevice(DEVICE))
+    idx = base + torch.arange(16, dtype=torch.int64)
+    assert_close("gaussian_noise", out, normals_at_reference(idx, 0x123456789AB, 2 ** 40 + 3), atol=1e-5)
 
 
 def test_uniform_ends_give_finite_normals():
