@@ -31,13 +31,16 @@ Conventions shared by the kernels:
   offset tensor in place draws fresh noise on each replay;
 * strided inputs are copied to contiguous ones first (an explicit ``.contiguous()`` in the
   launchers); ``out=`` that is not contiguous is written through a temporary;
-* ``@triton.autotune`` keyed on ``(B, N)`` (the element count) on CUDA, off under the
-  interpreter; in-place updates (``out`` sharing memory with an input) use a fixed configuration
-  because autotuning re-runs the kernel.
+* ``@triton.autotune`` keyed on ``(B, N)`` (the element count) and the variant flags on CUDA, off
+  under the interpreter; the ``_out`` ops (``out`` may be ``x_t``) use a fixed configuration
+  because autotuning re-runs the kernel. Autotuning happens on a shape's first call: warm up
+  eagerly before capturing a CUDA graph.
 
 Gradients: ``q_sample`` in ``x0`` (``sqrt(abar_t) * grad``); the steps in ``model_output`` and
-``x_t`` as the vjp of the reference's deterministic step (the additive noise ``sigma z`` does not
-depend on either input, so it drops out of the gradient); ``diffusion_loss`` by a Triton backward
+``x_t`` as the vjp of the reference step (``torch.func.vjp`` over ``ddpm_fast.reference``): with
+noise ``None`` for fixed variances and DDIM (``sigma z`` has a per-row ``sigma`` and drops out of the
+gradient), with the forward's very noise (regenerated from ``(seed, offset)``) for learned variances,
+where ``sigma`` depends on the model output; ``diffusion_loss`` by a Triton backward
 kernel that regenerates the noise from ``(seed, offset)`` (no noise tensor stored); ``vlb_loss``
 by the vjp of the reference.
 """
