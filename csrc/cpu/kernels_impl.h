@@ -734,9 +734,18 @@ static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, dou
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), &cached_t, &rc);
-    for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
-      row_sums[row - first_row] += static_cast<double>(sum_squares(diff + pos, len));
-    });
+    if (a.N >= 64) {
+      for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+        row_sums[row - first_row] += static_cast<double>(sum_squares(diff + pos, len));
+      });
+    } else {  // short rows: square the chunk in one vector loop, then add up each row's few terms
+      for (int64_t j = 0; j < n; ++j) diff[j] = diff[j] * diff[j];
+      for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+        R sum = 0;
+        for (int64_t k = pos; k < pos + len; ++k) sum += diff[k];
+        row_sums[row - first_row] += static_cast<double>(sum);
+      });
+    }
   }
 }
 

@@ -45,7 +45,7 @@ std::vector<double> row_sums(int64_t B, int64_t N, Fn&& kernel) {
     });
     for (int64_t k = 0; k < B * parts; ++k) sums[k / parts] += partial[k];
   } else {
-    const int64_t rows_per_task = std::max<int64_t>(1, kPart / N);
+    const int64_t rows_per_task = std::max<int64_t>(1, kGrain / N);
     at::parallel_for(0, B, rows_per_task, [&](int64_t b0, int64_t b1) { kernel(b0 * N, b1 * N, &sums[b0]); });
   }
   return sums;
@@ -224,13 +224,20 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& mo, const at::Tensor& x0, const 
       row_sums(a.B, a.N, [&](int64_t b, int64_t e, double* acc) { k.loss_forward(a, b, e, acc); });
   at::Tensor out = at::empty({a.B}, x0.options().dtype(glue::compute_type(a.fp64_math)));
   const int64_t* t_ptr = held.t.data_ptr<int64_t>();
-  for (int64_t b = 0; b < a.B; ++b) {
-    const double w = loss_row(a.abar[t_ptr[b]], a.target, a.min_snr, a.snr_gamma).weight;
+  double* out64 = a.fp64_math ? out.data_ptr<double>() : nullptr;
+  float* out32 = a.fp64_math ? nullptr : out.data_ptr<float>();
+  int64_t cached_t = -1;
+  double w = 1.0;
+  for (int64_t b = 0; b < a.B; ++b) {  // per_sample = mean over the row, times the min-SNR weight
+    if (t_ptr[b] != cached_t) {
+      w = loss_row(a.abar[t_ptr[b]], a.target, a.min_snr, a.snr_gamma).weight;
+      cached_t = t_ptr[b];
+    }
     const double mean = a.N > 0 ? sums[b] / static_cast<double>(a.N) : std::nan("");
-    if (a.fp64_math) {
-      out.data_ptr<double>()[b] = mean * w;
+    if (out64 != nullptr) {
+      out64[b] = mean * w;
     } else {
-      out.data_ptr<float>()[b] = static_cast<float>(mean) * static_cast<float>(w);
+      out32[b] = static_cast<float>(mean) * static_cast<float>(w);
     }
   }
   return out;
@@ -286,12 +293,14 @@ at::Tensor vlb_loss_cpu(const at::Tensor& mo, const at::Tensor& x0, const at::Te
   const std::vector<double> sums =
       row_sums(a.B, a.N, [&](int64_t b, int64_t e, double* acc) { k.vlb(a, b, e, acc); });
   at::Tensor out = at::empty({a.B}, x0.options().dtype(glue::compute_type(a.fp64_math)));
-  for (int64_t b = 0; b < a.B; ++b) {
+  double* out64 = a.fp64_math ? out.data_ptr<double>() : nullptr;
+  float* out32 = a.fp64_math ? nullptr : out.data_ptr<float>();
+  for (int64_t b = 0; b < a.B; ++b) {  // bits per dimension
     const double v = a.N > 0 ? sums[b] / static_cast<double>(a.N) / kLn2 : std::nan("");
-    if (a.fp64_math) {
-      out.data_ptr<double>()[b] = v;
+    if (out64 != nullptr) {
+      out64[b] = v;
     } else {
-      out.data_ptr<float>()[b] = static_cast<float>(v);
+      out32[b] = static_cast<float>(v);
     }
   }
   return out;
