@@ -322,7 +322,7 @@ def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
 def x0_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
     """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
     if PRED == 0:
-        return (x - sqrt_1m_abar * pred) / sqrt_abar
+        return tl.div_rn(x - sqrt_1m_abar * pred, sqrt_abar)
     elif PRED == 1:
         return pred
     else:
@@ -335,7 +335,7 @@ def eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
     if PRED == 0:
         return pred
     elif PRED == 1:
-        return (x - sqrt_abar * pred) / sqrt_1m_abar
+        return tl.div_rn(x - sqrt_abar * pred, sqrt_1m_abar)
     else:
         return sqrt_abar * pred + sqrt_1m_abar * x
 

@@ -47,11 +47,11 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         eps_hat = H.eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED)   # from the raw output
         if THRESH:
             s = tl.load(thr_ptr + row)
-            x0_hat = H.clamp_keep_nan(x0_hat, -s, s) / s
+            x0_hat = tl.div_rn(H.clamp_keep_nan(x0_hat, -s, s), s)
         elif CLIP:
             x0_hat = H.clamp_keep_nan(x0_hat, -clip_range, clip_range)
         if USE_CLIPPED:
-            eps_hat = (x - sqrt_abar * x0_hat) / sqrt_1m_abar
+            eps_hat = tl.div_rn(x - sqrt_abar * x0_hat, sqrt_1m_abar)
         # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row
         # (0 when eta = 0: the inversion has abar_next < abar_t, where the second root is NaN)
         sigma = tl.where(eta > 0, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))

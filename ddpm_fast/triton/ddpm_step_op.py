@@ -49,7 +49,7 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     else:
         if THRESH:
             s = tl.load(thr_ptr + row)
-            x0_hat = H.clamp_keep_nan(x0_hat, -s, s) / s
+            x0_hat = tl.div_rn(H.clamp_keep_nan(x0_hat, -s, s), s)
         elif CLIP:
             x0_hat = H.clamp_keep_nan(x0_hat, -clip_range, clip_range)
         beta = 1.0 - abar / abar_prev                      # the (respaced) beta of (t, prev_t)
@@ -67,7 +67,7 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
             elif VAR == 4:    # learned: the channels are a log-variance
                 sigma = H.exp_f(0.5 * var, USE_LIBDEVICE)
             else:             # learned_range
-                frac = (var + 1.0) / 2.0
+                frac = (var + 1.0) * 0.5        # exact, as the reference's / 2
                 log_var = (frac * H.log_f(beta, USE_LIBDEVICE).to(tl.float32)
                            + (1.0 - frac) * H.log_f(beta_tilde, USE_LIBDEVICE).to(tl.float32))
                 sigma = H.exp_f(0.5 * log_var, USE_LIBDEVICE)

@@ -22,7 +22,7 @@ LOG2 = math.log(2.0)
 def _sigmoid(y, USE_LIBDEVICE: tl.constexpr):
     """1 / (1 + e^-y), the argument clamped to +-80 (no exp overflow; the result is 1 or below
     2e-35 there either way; NaN kept)."""
-    return 1.0 / (1.0 + H.exp_f(-H.clamp_keep_nan(y, -80.0, 80.0), USE_LIBDEVICE))
+    return tl.div_rn(1.0, 1.0 + H.exp_f(-H.clamp_keep_nan(y, -80.0, 80.0), USE_LIBDEVICE))
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
     if VAR == 4:      # learned: a log-variance
         model_logvar = var
     elif VAR == 5:    # learned_range
-        frac = (var + 1.0) / 2.0
+        frac = (var + 1.0) * 0.5        # exact, as the reference's / 2
         model_logvar = frac * log_beta.to(tl.float32) + (1.0 - frac) * logvar_clipped.to(tl.float32)
     elif VAR <= 1:    # fixed_small(_log)
         model_logvar = x * 0.0 + logvar_clipped.to(tl.float32)

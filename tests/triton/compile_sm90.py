@@ -1,7 +1,7 @@
 """Compile every Triton kernel of the "triton" backend for sm_90 (H100) on a machine without a GPU,
 in representative variants, and check the PTX: the interpreter lane runs the kernels' Python, this
 checks the compiled path type-checks and lowers as intended: libdevice's accurate logf/sinf/cosf and
-IEEE sqrt, so no ``sin/cos/lg2/sqrt.approx`` instruction in any kernel (``rcp.approx.f64`` seeds the
+IEEE sqrt and division, so no ``sin/cos/lg2/sqrt.approx`` nor ``div.full/approx`` in any kernel (``rcp.approx.f64`` seeds the
 Newton iterations of fp64 division and ``ex2.approx`` is the core of libdevice's range-reduced
 expf: both allowed). Run WITHOUT TRITON_INTERPRET:
 
@@ -48,7 +48,8 @@ def compile_one(kernel, constexprs, dtypes=None):
     src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, dtypes or {}), constexprs=constexprs)
     t0 = time.time()
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    approx = sorted(set(re.findall(r"\b((?:sin|cos|lg2|sqrt)\.approx[\.\w]*)", k.asm["ptx"])))
+    approx = sorted(set(re.findall(r"\b((?:sin|cos|lg2|sqrt)\.approx[\.\w]*|div\.(?:full|approx)\.[\.\w]*)",
+                                   k.asm["ptx"])))
     label = ", ".join(f"{a}={b}" for a, b in constexprs.items() if a not in ("USE_LIBDEVICE", "BLOCK"))
     print(f"{kernel.fn.__name__}({label}) {dtypes or ''}: {time.time() - t0:.1f}s, approx={approx}")
     if approx:
