@@ -1,9 +1,9 @@
 """Compile every Triton kernel of the "triton" backend for sm_90 (H100) on a machine without a GPU,
 in representative variants, and check the PTX: the interpreter lane runs the kernels' Python, this
-checks the compiled path type-checks and lowers as intended: libdevice's accurate logf/sinf/cosf and
-IEEE sqrt and division, so no ``sin/cos/lg2/sqrt.approx`` nor ``div.full/approx`` in any kernel (``rcp.approx.f64`` seeds the
-Newton iterations of fp64 division and ``ex2.approx`` is the core of libdevice's range-reduced
-expf: both allowed). Run WITHOUT TRITON_INTERPRET:
+checks the compiled path type-checks and lowers as intended: libdevice's accurate logf/sinf/cosf,
+IEEE sqrt and division, so no ``sin/cos/lg2/sqrt.approx`` nor ``div.full/approx`` in any kernel
+(``rcp.approx.f64`` seeds the Newton iterations of fp64 division and ``ex2.approx`` is the core of
+libdevice's range-reduced expf: both allowed). Run WITHOUT TRITON_INTERPRET:
 
     python tests/triton/compile_sm90.py
 
