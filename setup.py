@@ -40,6 +40,7 @@ log(f"DDPM_FAST_SKIP_NATIVE={int(SKIP_NATIVE)} DDPM_FAST_FORCE_CUDA={int(FORCE_C
 CPU_SOURCES = [
     "csrc/torch_bindings.cpp",
     "csrc/torch/cpu_ops.cpp",
+    "csrc/torch/autograd.cpp",
     "csrc/cpu/dispatch.cpp",
     "csrc/cpu/kernels_baseline.cpp",
     "csrc/cpu/kernels_avx2.cpp",
@@ -48,7 +49,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/torch/cuda_ops.cu"]
 # -fno-math-errno / -fno-trapping-math let GCC vectorise sqrt and if-convert the selects of the
 # noise loops; neither changes a result (no -ffast-math: §3 needs IEEE arithmetic).
-CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # the C++ standard: torch's default
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 

@@ -1,0 +1,122 @@
+// Autograd of the training-path ops, in C++ (a Python autograd formula costs ~100 us a call, as
+// much as the kernels themselves at small shapes):
+//   q_sample:        d x_t / d x0 = sqrt(abar_t)   (the noise term does not depend on x0)
+//   diffusion_loss:  the fused diffusion_loss_backward kernel, which regenerates the noise from
+//                    (seed, offset): no noise tensor is kept between forward and backward.
+// Registered for the Autograd key of every device; the forward redispatches below autograd to
+// the CPU/CUDA (or fake) kernel. The other ops' autograd is in ddpm_fast/_native_ops.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace ddpm_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Opt = c10::optional<at::Tensor>;
+
+Opt opt(const at::Tensor& x) { return x.defined() ? Opt(x) : c10::nullopt; }
+at::Tensor or_undefined(const Opt& x) { return x.has_value() ? *x : at::Tensor(); }
+
+at::Tensor q_sample_op(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar, const Opt& noise,
+                       const Opt& seed, const Opt& offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ddpm_fast::q_sample", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+                                         const Opt&, const Opt&)>();
+  return op.call(x0, t, abar, noise, seed, offset);
+}
+
+at::Tensor loss_op(const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
+                   const Opt& noise, const Opt& seed, const Opt& offset, c10::string_view target,
+                   c10::optional<double> snr_gamma) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ddpm_fast::diffusion_loss", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const Opt&, const Opt&, const Opt&, c10::string_view,
+                                         c10::optional<double>)>();
+  return op.call(mo, x0, t, abar, noise, seed, offset, target, snr_gamma);
+}
+
+at::Tensor loss_backward_op(const at::Tensor& grad, const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t,
+                            const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset,
+                            c10::string_view target, c10::optional<double> snr_gamma) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ddpm_fast::diffusion_loss_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const Opt&, const Opt&, const Opt&, c10::string_view,
+                                         c10::optional<double>)>();
+  return op.call(grad, mo, x0, t, abar, noise, seed, offset, target, snr_gamma);
+}
+
+class QSampleFunction : public torch::autograd::Function<QSampleFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
+                            const Opt& noise, const Opt& seed, const Opt& offset) {
+    ctx->save_for_backward({t, abar});
+    ctx->saved_data["x0_dtype"] = x0.scalar_type();
+    ctx->saved_data["x0_dim"] = x0.dim();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return q_sample_op(x0, t, abar, noise, seed, offset);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::ScalarType x0_dtype = ctx->saved_data["x0_dtype"].toScalarType();
+    const int64_t dim = ctx->saved_data["x0_dim"].toInt();
+    const at::ScalarType cd = x0_dtype == at::kDouble ? at::kDouble : at::kFloat;
+    std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(dim, 1)), 1);
+    shape[0] = -1;
+    // sqrt(abar_t) in float64, rounded to the compute type (as the forward's coefficient)
+    const at::Tensor scale = saved[1].index_select(0, saved[0]).sqrt().to(cd).reshape(shape);
+    const at::Tensor grad_x0 = grads[0].defined() ? (grads[0].to(cd) * scale).to(x0_dtype) : at::Tensor();
+    return {grad_x0, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class DiffusionLossFunction : public torch::autograd::Function<DiffusionLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t,
+                            const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset,
+                            c10::string_view target, c10::optional<double> snr_gamma) {
+    ctx->save_for_backward({mo, x0, t, abar, or_undefined(noise), or_undefined(seed), or_undefined(offset)});
+    ctx->saved_data["target"] = std::string(target);
+    ctx->saved_data["snr_gamma"] = snr_gamma.has_value() ? c10::IValue(*snr_gamma) : c10::IValue();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return loss_op(mo, x0, t, abar, noise, seed, offset, target, snr_gamma);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const std::string target = ctx->saved_data["target"].toStringRef();
+    const c10::IValue g = ctx->saved_data["snr_gamma"];
+    const c10::optional<double> snr_gamma = g.isNone() ? c10::nullopt : c10::optional<double>(g.toDouble());
+    at::Tensor grad_mo;
+    if (grads[0].defined()) {
+      grad_mo = loss_backward_op(grads[0], s[0], s[1], s[2], s[3], opt(s[4]), opt(s[5]), opt(s[6]), target, snr_gamma);
+    }
+    return {grad_mo, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor q_sample_autograd(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar, const Opt& noise,
+                             const Opt& seed, const Opt& offset) {
+  return QSampleFunction::apply(x0, t, abar, noise, seed, offset);
+}
+
+at::Tensor diffusion_loss_autograd(const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t,
+                                   const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset,
+                                   c10::string_view target, c10::optional<double> snr_gamma) {
+  return DiffusionLossFunction::apply(mo, x0, t, abar, noise, seed, offset, target, snr_gamma);
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+TORCH_LIBRARY_IMPL(ddpm_fast, Autograd, m) {
+  m.impl("q_sample", &ddpm_fast::q_sample_autograd);
+  m.impl("diffusion_loss", &ddpm_fast::diffusion_loss_autograd);
+}
