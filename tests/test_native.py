@@ -324,7 +324,7 @@ def test_vlb_loss(prediction, variance):
                             reduction="none", backend="native")
     lr = ddpm_fast.vlb_loss(mo_r, x0, x_t, t, SCHED, prediction_type=prediction, variance_type=variance,
                             reduction="none", backend="reference")
-    torch.testing.assert_close(ln, lr, rtol=1e-4, atol=1e-5)  # sums of transcendental terms: see vlb note
+    close(ln, lr)
     ln.sum().backward()
     lr.sum().backward()
     close(mo_n.grad, mo_r.grad)
@@ -347,8 +347,6 @@ def test_ddpm_step_gradients(variance):
 
 
 def test_ddim_and_q_sample_gradients():
-    for backend in ("native", "reference"):
-        pass
     grads = {}
     for backend in ("native", "reference"):
         m = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
