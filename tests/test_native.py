@@ -448,3 +448,47 @@ def test_cuda_parity_q_sample_and_step():
     mo, x_t = torch.randn_like(x0), torch.randn_like(x0)
     got, ref = both(ddpm_fast.ddpm_step, mo, 500, x_t, SCHED, seed=3, thresholding=True, sample_max_value=2.0)
     close(got, ref)
+
+
+_ISA_SCRIPT = r"""
+import torch, ddpm_fast
+from ddpm_fast import NoiseSchedule, _native_backend
+print(_native_backend.build_info()["cpu_isa_selected"])
+S = NoiseSchedule.from_name("linear", 1000)
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for dtype in (torch.float32, torch.float16, torch.float64):
+    mo = torch.randn(3, 4, 5, 7, generator=g).to(dtype)
+    x = torch.randn(3, 4, 5, 7, generator=g).to(dtype)
+    v = torch.cat([mo, torch.rand_like(mo) * 2 - 1], 1)
+    t = torch.tensor([999, 0, 400])
+    pairs = [
+        [ddpm_fast.ddpm_step(v, t, x, S, variance_type="learned_range", thresholding=True, sample_max_value=2.0,
+                             seed=3, backend=b) for b in ("native", "reference")],
+        [ddpm_fast.ddim_step(mo, t, x, S, prev_t=t - 1, eta=0.5, seed=4, backend=b) for b in ("native", "reference")],
+        [ddpm_fast.q_sample(x, t, S, seed=5, backend=b) for b in ("native", "reference")],
+        [ddpm_fast.diffusion_loss(mo, x, t, S, target="v_prediction", seed=6, reduction="none", backend=b)
+         for b in ("native", "reference")],
+    ]
+    for a, b in pairs:
+        err = ((a.double() - b.double()).abs() / (1e-5 + 2.0 ** -10 * b.double().abs())).max().item()
+        worst = max(worst, err)
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_instruction_set_matches_reference(isa):
+    """Each per-ISA build of the kernels (DDPM_FAST_CPU_ISA picks one at load) against the reference,
+    in a subprocess; within one fp16 ulp (2^-10 relative, the loosest row of TOL) plus 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DDPM_FAST_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    selected, worst = r.stdout.split()
+    if selected != isa:
+        pytest.skip(f"this CPU does not support {isa} (selected {selected})")
+    assert float(worst) <= 1.0, f"{isa}: worst error {worst} tolerance units"
