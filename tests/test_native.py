@@ -299,6 +299,18 @@ def test_diffusion_loss_forward_backward(target, snr_gamma, dtype):
     close(mo_n.grad, mo_r.grad)
 
 
+def test_losses_long_rows_split_across_tasks():
+    # rows past 2^16 elements are reduced in parts (several tasks per row)
+    x0 = torch.rand(2, 2, 70001) * 2 - 1
+    mo = torch.randn(2, 4, 70001)
+    x_t = torch.randn(2, 2, 70001)
+    got, ref = both(ddpm_fast.diffusion_loss, mo[:, :2], x0, torch.tensor([3, 900]), SCHED, seed=1,
+                    reduction="none")
+    close(got, ref)
+    got, ref = both(ddpm_fast.vlb_loss, mo, x0, x_t, torch.tensor([0, 900]), SCHED, reduction="none")
+    close(got, ref)
+
+
 def test_diffusion_loss_reductions_and_q_sample_consistency():
     x0 = torch.randn(3, 4, 6)
     x_t = ddpm_fast.q_sample(x0, 400, SCHED, seed=5, offset=8, backend="native")
