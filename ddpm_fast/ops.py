@@ -142,6 +142,14 @@ def _any_ge(a: _HostSteps, b: _HostSteps, batch: int) -> bool:
     return any(x >= y for x, y in zip(a.as_list(batch), b.as_list(batch)))
 
 
+def _check_order(earlier_name: str, earlier: Optional[_HostSteps], later_name: str,
+                 later: Optional[_HostSteps], batch: int) -> None:
+    """Raise unless ``earlier < later`` in every row (checked only where both are on the host)."""
+    if earlier is not None and later is not None and _any_ge(earlier, later, batch):
+        raise ValueError(f"{earlier_name} must be smaller than {later_name} in every row, got "
+                         f"{earlier_name}={earlier.as_list(batch)} {later_name}={later.as_list(batch)}")
+
+
 def _range_error(name, low, T, lo, hi):
     lo_txt = "any negative value (the final step)" if low == _PAST_END else low
     return ValueError(f"{name} must lie in [{lo_txt}, {T}) for this schedule, got values in [{lo}, {hi}]")
@@ -366,14 +374,21 @@ def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, backend: Optio
     return impl.q_sample(x0, tt, schedule.table(x0.device), noise, seed_t, offset_t)
 
 
-def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor):
+def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t, return_x0, out, clip_opts):
+    """Validation shared by the three steps: tensors, schedule, guidance shape, the clipping and
+    thresholding options, ``return_x0``, ``out`` and ``t``."""
     model_output = _check_tensor("model_output", model_output)
     x_t = _check_tensor("x_t", x_t)
     schedule = _check_schedule(schedule)
     _check_same_device(x_t.device, model_output=model_output)
     guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
     _sample_shape_checks(model_output, x_t, channels_factor=channels_factor, guidance=guidance_scale is not None)
-    return model_output, x_t, schedule, guidance_scale
+    opts = _threshold_args(*clip_opts)
+    opts["guidance_scale"] = guidance_scale
+    opts["return_x0"] = _check_bool("return_x0", return_x0)
+    opts["out"] = _check_out(out, x_t)
+    tt, t_host = _timesteps("t", t, x_t.shape[0], x_t.device, schedule.num_timesteps)
+    return model_output, x_t, schedule, opts, tt, t_host
 
 
 @range_for_op("ddpm_step")
@@ -388,27 +403,21 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, VARIANCE_TYPES)
     factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
-    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, factor)
-    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                           sample_max_value)
-    return_x0 = _check_bool("return_x0", return_x0)
-    out = _check_out(out, x_t)
+    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+        model_output, x_t, schedule, guidance_scale, factor, t, return_x0, out,
+        (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
-    tt, t_host = _timesteps("t", t, B, dev, T)
     if prev_t is None:
         pt = tt - 1
         pt_host = None if t_host is None else t_host.shifted(-1)
     else:
         pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
-    if t_host is not None and pt_host is not None and _any_ge(pt_host, t_host, B):
-        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.as_list(B)} "
-                         f"prev_t={pt_host.as_list(B)}")
+    _check_order("prev_t", pt_host, "t", t_host, B)
     needed = None if t_host is None else t_host.hi > 0
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=needed, what="ddpm_step")
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_prev, x0_hat = impl.ddpm_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
-                                    prediction_type=prediction_type, variance_type=variance_type,
-                                    guidance_scale=guidance_scale, return_x0=return_x0, out=out, **opts)
+                                    prediction_type=prediction_type, variance_type=variance_type, **opts)
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
@@ -420,27 +429,21 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     """One DDIM step (Song et al.) from ``t`` to ``prev_t`` (negative: the final step, with
     ``abar_prev = final_alpha_cumprod``). Noise only when ``eta > 0``; ``eta`` in [0, 1]."""
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, 1)
+    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+        model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,
+        (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
     eta = _check_float("eta", eta, low=0.0, high=1.0)
     final_alpha_cumprod = _check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0)
     use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
-    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                           sample_max_value)
-    return_x0 = _check_bool("return_x0", return_x0)
-    out = _check_out(out, x_t)
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
-    tt, t_host = _timesteps("t", t, B, dev, T)
     pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
-    if t_host is not None and pt_host is not None and _any_ge(pt_host, t_host, B):
-        raise ValueError(f"prev_t must be smaller than t in every row, got t={t_host.as_list(B)} "
-                         f"prev_t={pt_host.as_list(B)}")
+    _check_order("prev_t", pt_host, "t", t_host, B)
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=eta > 0, what="ddim_step")
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_prev, x0_hat = impl.ddim_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
                                     eta=eta, prediction_type=prediction_type,
                                     use_clipped_model_output=use_clipped_model_output,
-                                    final_alpha_cumprod=final_alpha_cumprod, guidance_scale=guidance_scale,
-                                    return_x0=return_x0, out=out, **opts)
+                                    final_alpha_cumprod=final_alpha_cumprod, **opts)
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
@@ -457,24 +460,18 @@ def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, predic
         if k in ("noise", "seed") and unused[k] is not None:
             raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    model_output, x_t, schedule, guidance_scale = _step_common(model_output, x_t, schedule, guidance_scale, 1)
+    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+        model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,
+        (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
     eta = _check_float("eta", eta, low=0.0, high=0.0)
     use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
-    opts = _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                           sample_max_value)
-    return_x0 = _check_bool("return_x0", return_x0)
-    out = _check_out(out, x_t)
     B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
-    tt, t_host = _timesteps("t", t, B, dev, T)
     nt, nt_host = _timesteps("next_t", next_t, B, dev, T)
-    if t_host is not None and nt_host is not None and _any_ge(t_host, nt_host, B):
-        raise ValueError(f"next_t must be larger than t in every row, got t={t_host.as_list(B)} "
-                         f"next_t={nt_host.as_list(B)}")
+    _check_order("t", t_host, "next_t", nt_host, B)
     impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
     x_next, x0_hat = impl.ddim_reverse_step(model_output, tt, nt, x_t, schedule.table(dev),
                                             prediction_type=prediction_type,
-                                            use_clipped_model_output=use_clipped_model_output,
-                                            guidance_scale=guidance_scale, return_x0=return_x0, out=out, **opts)
+                                            use_clipped_model_output=use_clipped_model_output, **opts)
     return (x_next, x0_hat) if return_x0 else x_next
 
 
