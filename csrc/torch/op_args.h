@@ -7,6 +7,8 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "ddpm_fast/kernel_args.h"
 
@@ -46,8 +48,12 @@ inline Variance parse_variance(const std::string& s) {
 
 // Tensors kept alive (contiguous copies) while a kernel runs.
 struct Held {
-  at::Tensor model_output, x, x0, x_t, t, prev_t, abar, noise, seed, offset;
+  at::Tensor model_output, x, x0, x_t, t, prev_t, abar, noise, seed, offset, grad;
 };
+
+using Opt = c10::optional<at::Tensor>;
+
+inline at::ScalarType compute_type(bool fp64) { return fp64 ? at::kDouble : at::kFloat; }
 
 inline at::Tensor contiguous_on(const at::Tensor& x, const at::Tensor& like, const char* name) {
   TORCH_CHECK(x.device() == like.device(), name, " is on ", x.device(), " but the sample is on ", like.device());
@@ -146,6 +152,7 @@ inline StepArgs step_args(const at::Tensor& model_output, const at::Tensor& t, c
   a.t = held.t.data_ptr<int64_t>();
   a.prev_t = held.prev_t.data_ptr<int64_t>();
   a.abar = held.abar.data_ptr<double>();
+  a.T = held.abar.numel();
   a.clip_sample = o.clip_sample;
   a.clip_sample_range = o.clip_sample_range;
   a.thresholding = o.thresholding;
@@ -182,14 +189,203 @@ inline LossArgs loss_args(const at::Tensor& model_output, const at::Tensor& x0, 
   a.x0_dtype = dtype_of(held.x0, "x0");
   a.t = held.t.data_ptr<int64_t>();
   a.abar = held.abar.data_ptr<double>();
+  a.T = held.abar.numel();
   a.fp64_math = model_output.scalar_type() == at::kDouble || x0.scalar_type() == at::kDouble;
   a.noise = noise_args(noise, seed, offset, x0, held);
   TORCH_CHECK(a.target == Prediction::kSample || a.noise.noise != nullptr || a.noise.seed != nullptr,
               "diffusion_loss with target='", target, "' needs noise or seed");
   return a;
 }
+// Checks grad (one value per sample) and points a.grad / a.grad_model_output at held.grad and at the
+// returned gradient of model_output.
+inline at::Tensor attach_loss_grad(const at::Tensor& grad, LossArgs& a, Held& held) {
+  TORCH_CHECK(grad.numel() == a.B, "grad must hold one value per sample (", a.B, "), got shape ", grad.sizes());
+  held.grad = grad.reshape({a.B}).to(compute_type(a.fp64_math)).contiguous();
+  at::Tensor grad_mo = at::empty_like(held.model_output);
+  a.grad = held.grad.data_ptr();
+  a.grad_model_output = grad_mo.data_ptr();
+  return grad_mo;
+}
 
-inline at::ScalarType compute_type(bool fp64) { return fp64 ? at::kDouble : at::kFloat; }
+// NoiseFillArgs writing into `out` (already allocated with the requested shape and dtype).
+inline NoiseFillArgs noise_fill_args(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out,
+                                     Held& held) {
+  NoiseFillArgs a;
+  a.B = out.size(0);
+  a.N = row_size(out);
+  a.dtype = dtype_of(out, "dtype");
+  a.out = out.data_ptr();
+  a.noise = noise_args(c10::nullopt, seed, offset, out, held);
+  return a;
+}
+
+// QSampleArgs over contiguous copies (held) of the inputs; a.x_t is left for the caller's output.
+inline QSampleArgs q_sample_args(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar, const Opt& noise,
+                                 const Opt& seed, const Opt& offset, Held& held) {
+  TORCH_CHECK(x0.dim() >= 1, "x0 must have a batch dimension");
+  QSampleArgs a;
+  held.x0 = x0.contiguous();
+  a.B = x0.size(0);
+  a.N = row_size(x0);
+  held.t = timesteps(t, a.B, x0, "t");
+  held.abar = table(abar, x0);
+  a.x0 = held.x0.data_ptr();
+  a.x0_dtype = dtype_of(x0, "x0");
+  a.t = held.t.data_ptr<int64_t>();
+  a.abar = held.abar.data_ptr<double>();
+  a.T = held.abar.numel();
+  a.fp64_math = x0.scalar_type() == at::kDouble;
+  a.noise = noise_args(noise, seed, offset, x0, held);
+  TORCH_CHECK(a.noise.noise != nullptr || a.noise.seed != nullptr, "q_sample needs noise or seed");
+  return a;
+}
+
+// VlbArgs over contiguous copies (held) of the inputs; checks the shapes of x_t and model_output.
+inline VlbArgs vlb_args(const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& x_t, const at::Tensor& t,
+                        const at::Tensor& abar, c10::string_view pred, c10::string_view var, Held& held) {
+  TORCH_CHECK(x0.dim() >= 1 && x_t.sizes() == x0.sizes(), "x_t must have x0's shape ", x0.sizes());
+  VlbArgs a;
+  a.prediction = parse_prediction(std::string(pred), "prediction_type");
+  a.variance = parse_variance(std::string(var));
+  a.B = x0.size(0);
+  a.N = row_size(x0);
+  std::vector<int64_t> expected = x0.sizes().vec();
+  if (is_learned(a.variance)) {
+    TORCH_CHECK(x0.dim() >= 2, "learned variance types need a channel dimension");
+    expected[1] *= 2;
+  }
+  TORCH_CHECK(mo.sizes().vec() == expected, "model_output must have shape ", at::IntArrayRef(expected), ", got ",
+              mo.sizes());
+  held.model_output = contiguous_on(mo, x0, "model_output");
+  held.x0 = x0.contiguous();
+  held.x_t = contiguous_on(x_t, x0, "x_t");
+  held.t = timesteps(t, a.B, x0, "t");
+  held.abar = table(abar, x0);
+  a.model_output = held.model_output.data_ptr();
+  a.mo_dtype = dtype_of(mo, "model_output");
+  a.x0 = held.x0.data_ptr();
+  a.x0_dtype = dtype_of(x0, "x0");
+  a.x_t = held.x_t.data_ptr();
+  a.x_dtype = dtype_of(x_t, "x_t");
+  a.t = held.t.data_ptr<int64_t>();
+  a.abar = held.abar.data_ptr<double>();
+  a.T = held.abar.numel();
+  a.fp64_math = mo.scalar_type() == at::kDouble || x0.scalar_type() == at::kDouble || x_t.scalar_type() == at::kDouble;
+  return a;
+}
+
+// The outputs of a step: x_prev is `out` itself when given and contiguous (written directly), else a new
+// tensor that finish() copies into `out`; x0_hat is empty unless asked for.
+struct StepOutputs {
+  at::Tensor x_prev, x0_hat;
+  bool direct = false;
+
+  StepOutputs(StepArgs& a, const Held& held, const at::Tensor& x_t, bool return_x0, const Opt& out) {
+    if (out.has_value()) {
+      TORCH_CHECK(out->sizes() == x_t.sizes() && out->scalar_type() == x_t.scalar_type() &&
+                      out->device() == x_t.device(), "out must match x_t's shape, dtype and device");
+    }
+    direct = out.has_value() && out->is_contiguous();
+    x_prev = direct ? *out : at::empty_like(held.x_t);
+    x0_hat = return_x0 ? at::empty_like(held.x_t) : at::empty({0}, x_t.options());
+    a.x_prev = x_prev.data_ptr();
+    a.x0_hat = return_x0 ? x0_hat.data_ptr() : nullptr;
+  }
+
+  std::tuple<at::Tensor, at::Tensor> finish(const Opt& out) {
+    if (out.has_value() && !direct) {
+      out->copy_(x_prev);
+      x_prev = *out;
+    }
+    return {x_prev, x0_hat};
+  }
+};
+
+inline StepOptions ddpm_options(c10::string_view pred, c10::string_view var, bool clip, double range, bool thr,
+                                double ratio, double smv, c10::optional<double> w) {
+  StepOptions o;
+  o.kind = StepKind::kDdpm;
+  o.prediction_type = std::string(pred);
+  o.variance_type = std::string(var);
+  o.clip_sample = clip;
+  o.clip_sample_range = range;
+  o.thresholding = thr;
+  o.dynamic_thresholding_ratio = ratio;
+  o.sample_max_value = smv;
+  o.guidance_scale = w;
+  return o;
+}
+
+inline StepOptions ddim_options(double eta, c10::string_view pred, bool use_clipped, double final_abar, bool clip,
+                                double range, bool thr, double ratio, double smv, c10::optional<double> w) {
+  StepOptions o = ddpm_options(pred, "fixed_small", clip, range, thr, ratio, smv, w);
+  o.kind = StepKind::kDdim;
+  o.eta = eta;
+  o.use_clipped_model_output = use_clipped;
+  o.final_alpha_cumprod = final_abar;
+  return o;
+}
+
+// The six step entry points of the op schema (ddpm/ddim/ddim_reverse, each with an _out form) over one
+// device's runner, which validates (step_args), launches and writes x_prev into `out` when given.
+using StepResult = std::tuple<at::Tensor, at::Tensor>;
+using StepRunner = StepResult (*)(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& prev_t,
+                                  const at::Tensor& x_t, const at::Tensor& abar, const Opt& noise, const Opt& seed,
+                                  const Opt& offset, const StepOptions& o, bool return_x0, const Opt& out);
+
+template <StepRunner run>
+struct StepOps {
+  static StepResult ddpm_step(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& pt, const at::Tensor& x_t,
+                              const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset,
+                              c10::string_view pred, c10::string_view var, bool clip, double range, bool thr,
+                              double ratio, double smv, c10::optional<double> w, bool rx0) {
+    return run(mo, t, pt, x_t, abar, noise, seed, offset, ddpm_options(pred, var, clip, range, thr, ratio, smv, w),
+               rx0, c10::nullopt);
+  }
+
+  static at::Tensor ddpm_step_out(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& pt,
+                                  const at::Tensor& x_t, const at::Tensor& abar, const Opt& noise, const Opt& seed,
+                                  const Opt& offset, c10::string_view pred, c10::string_view var, bool clip,
+                                  double range, bool thr, double ratio, double smv, c10::optional<double> w, bool rx0,
+                                  at::Tensor& out) {
+    return std::get<1>(run(mo, t, pt, x_t, abar, noise, seed, offset,
+                           ddpm_options(pred, var, clip, range, thr, ratio, smv, w), rx0, out));
+  }
+
+  static StepResult ddim_step(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& pt, const at::Tensor& x_t,
+                              const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset, double eta,
+                              c10::string_view pred, bool uc, double fa, bool clip, double range, bool thr,
+                              double ratio, double smv, c10::optional<double> w, bool rx0) {
+    return run(mo, t, pt, x_t, abar, noise, seed, offset,
+               ddim_options(eta, pred, uc, fa, clip, range, thr, ratio, smv, w), rx0, c10::nullopt);
+  }
+
+  static at::Tensor ddim_step_out(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& pt,
+                                  const at::Tensor& x_t, const at::Tensor& abar, const Opt& noise, const Opt& seed,
+                                  const Opt& offset, double eta, c10::string_view pred, bool uc, double fa, bool clip,
+                                  double range, bool thr, double ratio, double smv, c10::optional<double> w, bool rx0,
+                                  at::Tensor& out) {
+    return std::get<1>(run(mo, t, pt, x_t, abar, noise, seed, offset,
+                           ddim_options(eta, pred, uc, fa, clip, range, thr, ratio, smv, w), rx0, out));
+  }
+
+  // DDIM inversion = a DDIM step towards next_t with eta = 0.
+  static StepResult ddim_reverse_step(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& nt,
+                                      const at::Tensor& x_t, const at::Tensor& abar, c10::string_view pred, bool uc,
+                                      bool clip, double range, bool thr, double ratio, double smv,
+                                      c10::optional<double> w, bool rx0) {
+    return run(mo, t, nt, x_t, abar, c10::nullopt, c10::nullopt, c10::nullopt,
+               ddim_options(0.0, pred, uc, 1.0, clip, range, thr, ratio, smv, w), rx0, c10::nullopt);
+  }
+
+  static at::Tensor ddim_reverse_step_out(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& nt,
+                                          const at::Tensor& x_t, const at::Tensor& abar, c10::string_view pred,
+                                          bool uc, bool clip, double range, bool thr, double ratio, double smv,
+                                          c10::optional<double> w, bool rx0, at::Tensor& out) {
+    return std::get<1>(run(mo, t, nt, x_t, abar, c10::nullopt, c10::nullopt, c10::nullopt,
+                           ddim_options(0.0, pred, uc, 1.0, clip, range, thr, ratio, smv, w), rx0, out));
+  }
+};
 
 }  // namespace glue
 }  // namespace ddpm_fast
