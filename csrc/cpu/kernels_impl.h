@@ -201,6 +201,17 @@ static void chunk_noise(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R*
 
 static inline bool has_noise(const NoiseArgs& na) { return na.noise != nullptr || na.seed != nullptr; }
 
+// Calls fn with a value of the math type (double when fp64, else float): one place picks the
+// template instance of every kernel below.
+template <typename Fn>
+static inline void with_math_type(bool fp64, Fn&& fn) {
+  if (fp64) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
 // ---- gaussian_noise --------------------------------------------------------------------------
 template <typename R>
 static void gaussian_noise_impl(const NoiseFillArgs& a, int64_t begin, int64_t end) {
@@ -213,11 +224,7 @@ static void gaussian_noise_impl(const NoiseFillArgs& a, int64_t begin, int64_t e
 }
 
 static void gaussian_noise_kernel(const NoiseFillArgs& a, int64_t begin, int64_t end) {
-  if (a.dtype == DType::kFloat64) {
-    gaussian_noise_impl<double>(a, begin, end);
-  } else {
-    gaussian_noise_impl<float>(a, begin, end);
-  }
+  with_math_type(a.dtype == DType::kFloat64, [&](auto r) { gaussian_noise_impl<decltype(r)>(a, begin, end); });
 }
 
 // ---- q_sample --------------------------------------------------------------------------------
@@ -247,11 +254,7 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
 }
 
 static void q_sample_kernel(const QSampleArgs& a, int64_t begin, int64_t end) {
-  if (a.fp64_math) {
-    q_sample_impl<double>(a, begin, end);
-  } else {
-    q_sample_impl<float>(a, begin, end);
-  }
+  with_math_type(a.fp64_math, [&](auto r) { q_sample_impl<decltype(r)>(a, begin, end); });
 }
 
 // ---- the steps -------------------------------------------------------------------------------
@@ -634,19 +637,13 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
 }
 
 static void step_kernel(const StepArgs& a, int64_t begin, int64_t end) {
-  if (a.kind == StepKind::kDdpm) {
-    if (a.fp64_math) {
-      ddpm_step_impl<double>(a, begin, end);
+  with_math_type(a.fp64_math, [&](auto r) {
+    if (a.kind == StepKind::kDdpm) {
+      ddpm_step_impl<decltype(r)>(a, begin, end);
     } else {
-      ddpm_step_impl<float>(a, begin, end);
+      ddim_step_impl<decltype(r)>(a, begin, end);
     }
-  } else {
-    if (a.fp64_math) {
-      ddim_step_impl<double>(a, begin, end);
-    } else {
-      ddim_step_impl<float>(a, begin, end);
-    }
-  }
+  });
 }
 
 // |x0_hat| (before clipping) of row b, for the dynamic-thresholding quantile.
@@ -669,11 +666,7 @@ static void step_abs_x0_impl(const StepArgs& a, int64_t b, R* dst) {
 }
 
 static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
-  if (a.fp64_math) {
-    step_abs_x0_impl<double>(a, b, static_cast<double*>(dst));
-  } else {
-    step_abs_x0_impl<float>(a, b, static_cast<float*>(dst));
-  }
+  with_math_type(a.fp64_math, [&](auto r) { step_abs_x0_impl(a, b, static_cast<decltype(r)*>(dst)); });
 }
 
 // ---- the simple loss -------------------------------------------------------------------------
@@ -750,11 +743,7 @@ static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, dou
 }
 
 static void loss_forward_kernel(const LossArgs& a, int64_t begin, int64_t end, double* row_sums) {
-  if (a.fp64_math) {
-    loss_forward_impl<double>(a, begin, end, row_sums);
-  } else {
-    loss_forward_impl<float>(a, begin, end, row_sums);
-  }
+  with_math_type(a.fp64_math, [&](auto r) { loss_forward_impl<decltype(r)>(a, begin, end, row_sums); });
 }
 
 template <typename R>
@@ -775,11 +764,7 @@ static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
 }
 
 static void loss_backward_kernel(const LossArgs& a, int64_t begin, int64_t end) {
-  if (a.fp64_math) {
-    loss_backward_impl<double>(a, begin, end);
-  } else {
-    loss_backward_impl<float>(a, begin, end);
-  }
+  with_math_type(a.fp64_math, [&](auto r) { loss_backward_impl<decltype(r)>(a, begin, end); });
 }
 
 // ---- the variational bound -------------------------------------------------------------------
@@ -826,11 +811,7 @@ static void vlb_impl(const VlbArgs& a, int64_t begin, int64_t end, double* row_s
 }
 
 static void vlb_kernel(const VlbArgs& a, int64_t begin, int64_t end, double* row_sums) {
-  if (a.fp64_math) {
-    vlb_impl<double>(a, begin, end, row_sums);
-  } else {
-    vlb_impl<float>(a, begin, end, row_sums);
-  }
+  with_math_type(a.fp64_math, [&](auto r) { vlb_impl<decltype(r)>(a, begin, end, row_sums); });
 }
 
 }  // namespace DDPM_CPU_NS
