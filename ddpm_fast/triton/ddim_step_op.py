@@ -110,11 +110,6 @@ def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, o
     return x0_hat
 
 
-def _fake_pair(x_t, return_x0):
-    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
-
-
 # --------------------------------------------------------------------------------------------
 # ddim_step
 # --------------------------------------------------------------------------------------------
@@ -139,7 +134,7 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
 def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
       use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
       dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return _fake_pair(x_t, return_x0)
+    return H.fake_step_outputs(x_t, return_x0)
 
 
 @H.register_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
@@ -161,7 +156,7 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
 def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
       use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
       dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    return _fake_pair(x_t, return_x0)[1]
+    return H.fake_step_outputs(x_t, return_x0)[1]
 
 
 _STEP_NAMES = ("eta", "prediction_type", "use_clipped_model_output", "final_alpha_cumprod", "clip_sample",
@@ -181,9 +176,7 @@ def _step_backward(ctx, grad_prev, grad_x0):
     def f(mo, xt):
         return R.ddim_step(mo, t, prev_t, xt, alphas_cumprod, None, **ctx.opts)
 
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    g_mo, g_xt = vjp((grad_prev, g0))
+    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_prev, grad_x0)
     return (g_mo, None, None, g_xt) + (None,) * 15
 
 
@@ -219,7 +212,7 @@ def ddim_reverse_step(model_output: torch.Tensor, t: torch.Tensor, next_t: torch
 @ddim_reverse_step.register_fake
 def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
       clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return _fake_pair(x_t, return_x0)
+    return H.fake_step_outputs(x_t, return_x0)
 
 
 @H.register_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
@@ -238,7 +231,7 @@ def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: t
 def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
       clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0,
       out):
-    return _fake_pair(x_t, return_x0)[1]
+    return H.fake_step_outputs(x_t, return_x0)[1]
 
 
 _REV_NAMES = ("prediction_type", "use_clipped_model_output", "clip_sample", "clip_sample_range", "thresholding",
@@ -257,9 +250,7 @@ def _reverse_backward(ctx, grad_next, grad_x0):
     def f(mo, xt):
         return R.ddim_reverse_step(mo, t, next_t, xt, alphas_cumprod, **ctx.opts)
 
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    g_mo, g_xt = vjp((grad_next, g0))
+    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_next, grad_x0)
     return (g_mo, None, None, g_xt) + (None,) * 10
 
 
@@ -269,25 +260,14 @@ ddim_reverse_step.register_autograd(_reverse_backward, setup_context=_reverse_se
 # --------------------------------------------------------------------------------------------
 # backend entry points
 # --------------------------------------------------------------------------------------------
-def _needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
 def run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
              use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
     args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
             use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
             dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
-    if out is None or _needs_grad(model_output, x_t) or not out.is_contiguous():
-        x_prev, x0_hat = torch.ops.ddpm_fast_triton.ddim_step(*args)
-        if out is not None:
-            out.copy_(x_prev)
-            x_prev = out
-    else:
-        x0_hat = torch.ops.ddpm_fast_triton.ddim_step_out(*args, out)
-        x_prev = out
-    return x_prev, (x0_hat if return_x0 else None)
+    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_step, torch.ops.ddpm_fast_triton.ddim_step_out, args,
+                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)
 
 
 def run_reverse(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
@@ -296,12 +276,6 @@ def run_reverse(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type
     args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
             clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
             return_x0)
-    if out is None or _needs_grad(model_output, x_t) or not out.is_contiguous():
-        x_next, x0_hat = torch.ops.ddpm_fast_triton.ddim_reverse_step(*args)
-        if out is not None:
-            out.copy_(x_next)
-            x_next = out
-    else:
-        x0_hat = torch.ops.ddpm_fast_triton.ddim_reverse_step_out(*args, out)
-        x_next = out
-    return x_next, (x0_hat if return_x0 else None)
+    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_reverse_step,
+                         torch.ops.ddpm_fast_triton.ddim_reverse_step_out, args, model_output=model_output,
+                         x_t=x_t, return_x0=return_x0, out=out)

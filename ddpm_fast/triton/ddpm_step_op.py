@@ -139,8 +139,7 @@ def ddpm_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
 def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
       clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
       return_x0):
-    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
+    return H.fake_step_outputs(x_t, return_x0)
 
 
 @H.register_op("ddpm_fast_triton::ddpm_step_out", mutates_args={"out"})
@@ -160,7 +159,7 @@ def ddpm_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
 def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
       clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
       return_x0, out):
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
+    return H.fake_step_outputs(x_t, return_x0)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,9 +190,7 @@ def _backward(ctx, grad_prev, grad_x0):
     def f(mo, xt):
         return R.ddpm_step(mo, t, prev_t, xt, alphas_cumprod, z, **opts)
 
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    g_mo, g_xt = vjp((grad_prev, g0))
+    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_prev, grad_x0)
     return g_mo, None, None, g_xt, None, None, None, None, *([None] * 9)
 
 
@@ -207,22 +204,11 @@ ddpm_step.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # the backend entry point
 # --------------------------------------------------------------------------------------------
-def _needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
 def run(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type, variance_type,
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
         guidance_scale, return_x0, out):
     args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
             clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
             guidance_scale, return_x0)
-    if out is None or _needs_grad(model_output, x_t) or not out.is_contiguous():
-        x_prev, x0_hat = torch.ops.ddpm_fast_triton.ddpm_step(*args)
-        if out is not None:
-            out.copy_(x_prev)
-            x_prev = out
-    else:
-        x0_hat = torch.ops.ddpm_fast_triton.ddpm_step_out(*args, out)
-        x_prev = out
-    return x_prev, (x0_hat if return_x0 else None)
+    return H.run_step_op(torch.ops.ddpm_fast_triton.ddpm_step, torch.ops.ddpm_fast_triton.ddpm_step_out, args,
+                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)

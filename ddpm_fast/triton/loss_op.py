@@ -50,11 +50,12 @@ def _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET: tl.constexpr):
 
 
 @triton.jit
-def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, partial_ptr, w_ptr,
-                     B, N, P, T, snr_gamma,
-                     TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
-                     PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+def _block_terms(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, B, N, T, snr_gamma,
+                 TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr,
+                 ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    """What the forward and backward kernels share for this program's block: (row, block, columns,
+    mask, model_output, target, the row's min-SNR weight), in fp32 (the noise regenerated from
+    (seed, offset) when not given)."""
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
@@ -66,8 +67,21 @@ def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offse
     else:
         eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
                           NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
-    d = tl.where(mask, _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET) - mo, 0.0)
+    target = _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET)
     w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
+    return row, blk, cols, mask, mo, target, w
+
+
+@triton.jit
+def _loss_fwd_kernel(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_ptr, partial_ptr, w_ptr,
+                     B, N, P, T, snr_gamma,
+                     TARGET: tl.constexpr, SNR: tl.constexpr, NOISE_MODE: tl.constexpr,
+                     PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    row, blk, cols, mask, mo, target, w = _block_terms(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr,
+                                                       offset_ptr, B, N, T, snr_gamma, TARGET, SNR, NOISE_MODE,
+                                                       PER_ROW_SEED, ALIGNED, USE_LIBDEVICE, FLAT, BLOCK)
+    d = tl.where(mask, target - mo, 0.0)
     if FLAT:   # a block spans rows: one partial per element (P == N), the weight from column 0
         tl.store(partial_ptr + row * P + cols, d * d, mask=mask)
         tl.store(w_ptr + row, w, mask=mask & (cols == 0))
@@ -84,20 +98,11 @@ def _loss_bwd_kernel(grad_ptr, mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_
                      FLAT: tl.constexpr, BLOCK: tl.constexpr):
     """d loss_b / d model_output = grad_b * w_b * 2 (model_output - target) / N, the noise
     regenerated from (seed, offset)."""
-    row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
-    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
-    sqrt_abar = H.sqrt64(abar).to(tl.float32)
-    sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
-    x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    if TARGET == 1:
-        eps = x0
-    else:
-        eps = H.row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
-                          NOISE_MODE, PER_ROW_SEED, ALIGNED, BLOCK, FLAT, USE_LIBDEVICE)
-    w = _row_weight(abar, snr_gamma, TARGET, SNR).to(tl.float32)
+    row, blk, cols, mask, mo, target, w = _block_terms(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr,
+                                                       offset_ptr, B, N, T, snr_gamma, TARGET, SNR, NOISE_MODE,
+                                                       PER_ROW_SEED, ALIGNED, USE_LIBDEVICE, FLAT, BLOCK)
     scale = tl.load(grad_ptr + row).to(tl.float32) * w * (2.0 * inv_n)
-    g = scale * (mo - _target(x0, eps, sqrt_abar, sqrt_1m_abar, TARGET))
+    g = scale * (mo - target)
     tl.store(out_ptr + row * N + cols, H.to_dtype(g, out_ptr.dtype.element_ty, USE_LIBDEVICE), mask=mask)
 
 
