@@ -23,6 +23,7 @@ CUDA graph). Neither: a seed drawn from torch's global CPU generator.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -223,7 +224,7 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
         side = torch.cuda.Stream(device) if use_graph else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        ctx = torch.cuda.stream(side) if side is not None else _nullcontext()
+        ctx = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
         with ctx:
             while i < warm:
                 draw = generator is not None and plan.needs_noise(plan.timesteps[i])
@@ -246,14 +247,6 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     if return_trajectory:
         return x, torch.stack(trajectory, 0)
     return x
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, strict):

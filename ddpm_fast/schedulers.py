@@ -584,6 +584,20 @@ class _FastSchedulerBase(*_BASES):
     def _advance(self, device):
         self._state(device).offset.add_(1)
 
+    def _clip_options(self) -> dict:
+        """The config's clipping and dynamic-thresholding options, as the step ops take them."""
+        c = self.config
+        return dict(clip_sample=bool(c.clip_sample), clip_sample_range=float(c.clip_sample_range),
+                    thresholding=bool(c.thresholding), dynamic_thresholding_ratio=float(c.dynamic_thresholding_ratio),
+                    sample_max_value=float(c.sample_max_value))
+
+    def _step_output(self, x_prev, x0_hat, device, return_dict: bool):
+        """Advances the §3 noise offset and returns a step's result as diffusers does."""
+        self._advance(device)
+        if not return_dict:
+            return (x_prev, x0_hat)
+        return SchedulerOutput(prev_sample=x_prev, pred_original_sample=x0_hat)
+
 
 # --------------------------------------------------------------------------------------------
 # DDPM
@@ -716,21 +730,18 @@ class DDPMScheduler(_FastSchedulerBase):
         noise, seed, offset = self._noise(generator, variance_noise, sample.shape, noise_dtype, dev, draw)
         x_prev, x0_hat = ops.ddpm_step(
             model_output, t, sample, self.schedule, prev_t=prev_t,
-            prediction_type=self.config.prediction_type, variance_type=vt,
-            clip_sample=bool(self.config.clip_sample), clip_sample_range=float(self.config.clip_sample_range),
-            thresholding=bool(self.config.thresholding),
-            dynamic_thresholding_ratio=float(self.config.dynamic_thresholding_ratio),
-            sample_max_value=float(self.config.sample_max_value), guidance_scale=guidance_scale,
-            noise=noise, seed=seed, offset=offset if seed is not None else 0, return_x0=True)
-        self._advance(dev)
-        if not return_dict:
-            return (x_prev, x0_hat)
-        return SchedulerOutput(prev_sample=x_prev, pred_original_sample=x0_hat)
+            prediction_type=self.config.prediction_type, variance_type=vt, guidance_scale=guidance_scale,
+            noise=noise, seed=seed, offset=offset if seed is not None else 0, return_x0=True, **self._clip_options())
+        return self._step_output(x_prev, x0_hat, dev, return_dict)
 
 
 # --------------------------------------------------------------------------------------------
 # DDIM
 # --------------------------------------------------------------------------------------------
+_NEEDS_SET_TIMESTEPS = ("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                        "scheduler")
+
+
 class DDIMScheduler(_FastSchedulerBase):
     """diffusers' ``DDIMScheduler`` (Song et al. 2021) on the fused ops; the previous timestep is
     the next entry of the schedule for every spacing (REFERENCE §7; module docstring)."""
@@ -772,8 +783,7 @@ class DDIMScheduler(_FastSchedulerBase):
 
     def _previous_host(self, t: int) -> int:
         if self._prev_host is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
+            raise ValueError(_NEEDS_SET_TIMESTEPS)
         try:
             return self._prev_host[t]
         except KeyError:
@@ -781,8 +791,7 @@ class DDIMScheduler(_FastSchedulerBase):
 
     def _state(self, device):
         if self._prev_host is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
+            raise ValueError(_NEEDS_SET_TIMESTEPS)
         return super()._state(device)
 
     def _get_variance(self, timestep, prev_timestep):
@@ -801,8 +810,7 @@ class DDIMScheduler(_FastSchedulerBase):
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensors")
         if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
+            raise ValueError(_NEEDS_SET_TIMESTEPS)
         dev = sample.device
         t, prev_t, _ = self._step_timesteps(timestep, sample)
         eta = ops._check_float("eta", eta, low=0.0, high=1.0)
@@ -813,12 +821,6 @@ class DDIMScheduler(_FastSchedulerBase):
         x_prev, x0_hat = ops.ddim_step(
             model_output, t, sample, self.schedule, prev_t=prev_t, eta=eta,
             prediction_type=self.config.prediction_type, use_clipped_model_output=bool(use_clipped_model_output),
-            final_alpha_cumprod=self._final_abar, clip_sample=bool(self.config.clip_sample),
-            clip_sample_range=float(self.config.clip_sample_range), thresholding=bool(self.config.thresholding),
-            dynamic_thresholding_ratio=float(self.config.dynamic_thresholding_ratio),
-            sample_max_value=float(self.config.sample_max_value), guidance_scale=guidance_scale,
-            noise=noise, seed=seed, offset=offset if seed is not None else 0, return_x0=True)
-        self._advance(dev)
-        if not return_dict:
-            return (x_prev, x0_hat)
-        return SchedulerOutput(prev_sample=x_prev, pred_original_sample=x0_hat)
+            final_alpha_cumprod=self._final_abar, guidance_scale=guidance_scale,
+            noise=noise, seed=seed, offset=offset if seed is not None else 0, return_x0=True, **self._clip_options())
+        return self._step_output(x_prev, x0_hat, dev, return_dict)

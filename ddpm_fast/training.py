@@ -11,6 +11,7 @@ tensor is kept between forward and backward.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -200,7 +201,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
     t_model = schedule.timestep_map[t_cpu].to(dev)
-    with torch.no_grad() if not x0.requires_grad else _null():
+    with torch.no_grad() if not x0.requires_grad else contextlib.nullcontext():
         x_t = ops.q_sample(x0, t, schedule, seed=seed, offset=offset, backend=backend)
     out = _unwrap(model(x_t, t_model))
     if hybrid:
@@ -221,11 +222,3 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     if return_details:
         return loss, {"t": t, "weights": w, "losses": per_sample.detach(), "seed": seed, "offset": offset}
     return loss
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
