@@ -27,6 +27,25 @@ def backend_param(device_type="cpu"):
     return params
 
 
+class RecordingModel(torch.nn.Module):
+    """A small fixed model for the loop tests: a seeded ``(channels * out_factor, channels)`` matrix
+    ``W`` (out_factor 2: learned variances); records the timesteps it is called with in ``seen``.
+    Subclasses say what it returns (``out(x, t)``)."""
+
+    def __init__(self, channels=2, out_factor=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(channels * out_factor, channels, generator=g) * 0.3)
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return self.out(x, t)
+
+    def out(self, x, t):
+        raise NotImplementedError
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(1234)

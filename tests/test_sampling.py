@@ -7,6 +7,8 @@ import torch
 import ddpm_fast
 from ddpm_fast import DDIMScheduler, DDPMScheduler, NoiseSchedule, sample
 
+from conftest import RecordingModel
+
 try:
     import diffusers
 except Exception as e:  # pragma: no cover
@@ -16,17 +18,10 @@ needs_diffusers = pytest.mark.skipif(diffusers is None, reason=_why if diffusers
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)")
 
 
-class Recorder(torch.nn.Module):
+class Recorder(RecordingModel):
     """A small fixed model that records the timesteps it is called with."""
 
-    def __init__(self, channels=2, out_factor=1):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.W = torch.nn.Parameter(torch.randn(channels * out_factor, channels, generator=g) * 0.3)
-        self.seen = []
-
-    def forward(self, x, t):
-        self.seen.append(t.clone())
+    def out(self, x, t):
         return torch.tanh(x.float() @ self.W.T * (0.5 + t.float()[:, None] / 2000))
 
 

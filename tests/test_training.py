@@ -9,16 +9,11 @@ import ddpm_fast
 from ddpm_fast import DDPMScheduler, LossAwareSampler, NoiseSchedule, NoiseStream, UniformSampler, training_loss
 from ddpm_fast.training import timestep_generator
 
+from conftest import RecordingModel
 
-class TinyModel(torch.nn.Module):
-    def __init__(self, channels=2, out_factor=1):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.W = torch.nn.Parameter(torch.randn(channels * out_factor, channels, generator=g) * 0.3)
-        self.seen = []
 
-    def forward(self, x, t):
-        self.seen.append(t.clone())
+class TinyModel(RecordingModel):
+    def out(self, x, t):
         return x @ self.W.T * (1 + t.float()[:, None] / 1000)
 
 
