@@ -136,10 +136,14 @@ class _HostSteps:
 
 
 def _any_ge(a: _HostSteps, b: _HostSteps, batch: int) -> bool:
-    """Whether a >= b in some row."""
+    """Whether a >= b in some row (ranges first; one vectorised comparison when they overlap)."""
+    if a.hi < b.lo:
+        return False
     if a.values is None and b.values is None:
         return a.lo >= b.lo
-    return any(x >= y for x, y in zip(a.as_list(batch), b.as_list(batch)))
+    av = a.values if a.values is not None else a.lo
+    bv = b.values if b.values is not None else b.lo
+    return bool((torch.as_tensor(av) >= bv).any())
 
 
 def _check_order(earlier_name: str, earlier: Optional[_HostSteps], later_name: str,
