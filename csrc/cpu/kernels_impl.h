@@ -412,6 +412,29 @@ static void ddpm_add_noise(Variance variance, int64_t n, R* mean, const R* z, co
   }
 }
 
+// Whether rows r0 and r1 take the same step coefficients: same t and prev_t and, when
+// thresholding, the same threshold.
+template <typename R>
+static inline auto same_step_rows(const StepArgs& a, const R* row_threshold) {
+  return [&a, row_threshold](int64_t r0, int64_t r1) {
+    return a.t[r0] == a.t[r1] && a.prev_t[r0] == a.prev_t[r1] &&
+           (!a.thresholding || std::memcmp(&row_threshold[r0], &row_threshold[r1], sizeof(R)) == 0);
+  };
+}
+
+// row_coefs(row): sets rc = make(t, prev_t) of the row, recomputed only when (t, prev_t) changes.
+template <typename Row, typename Make>
+static inline auto step_row_cache(const StepArgs& a, Row& rc, Make make) {
+  return [&a, &rc, make, cached_t = INT64_MIN, cached_prev = INT64_MIN](int64_t row) mutable {
+    const int64_t t = a.t[row], prev = a.prev_t[row];
+    if (t != cached_t || prev != cached_prev) {
+      rc = make(t, prev);
+      cached_t = t;
+      cached_prev = prev;
+    }
+  };
+}
+
 static inline int clip_mode(const StepArgs& a) {
   return a.thresholding ? kThreshold : (a.clip_sample ? kClip : kNoClip);
 }
@@ -424,20 +447,11 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const R* row_threshold = static_cast<const R*>(a.row_threshold);
   const int clip = clip_mode(a);
   const R clip_range = static_cast<R>(a.clip_sample_range);
-  auto same = [&](int64_t r0, int64_t r1) {
-    return a.t[r0] == a.t[r1] && a.prev_t[r0] == a.prev_t[r1] &&
-           (!a.thresholding || std::memcmp(&row_threshold[r0], &row_threshold[r1], sizeof(R)) == 0);
-  };
-  int64_t cached_t = INT64_MIN, cached_prev = INT64_MIN;
+  const auto same = same_step_rows(a, row_threshold);
   DdpmRow rc{};
-  auto row_coefs = [&](int64_t row) {
-    const int64_t t = a.t[row], prev = a.prev_t[row];
-    if (t != cached_t || prev != cached_prev) {
-      rc = ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
-      cached_t = t;
-      cached_prev = prev;
-    }
-  };
+  auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
+    return ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
+  });
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x_t, a.x_dtype, i, n);
@@ -569,20 +583,11 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const R* row_threshold = static_cast<const R*>(a.row_threshold);
   const int clip = clip_mode(a);
   const R clip_range = static_cast<R>(a.clip_sample_range);
-  auto same = [&](int64_t r0, int64_t r1) {
-    return a.t[r0] == a.t[r1] && a.prev_t[r0] == a.prev_t[r1] &&
-           (!a.thresholding || std::memcmp(&row_threshold[r0], &row_threshold[r1], sizeof(R)) == 0);
-  };
-  int64_t cached_t = INT64_MIN, cached_prev = INT64_MIN;
+  const auto same = same_step_rows(a, row_threshold);
   DdimRow rc{};
-  auto row_coefs = [&](int64_t row) {
-    const int64_t t = a.t[row], prev = a.prev_t[row];
-    if (t != cached_t || prev != cached_prev) {
-      rc = ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
-      cached_t = t;
-      cached_prev = prev;
-    }
-  };
+  auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
+    return ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
+  });
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x_t, a.x_dtype, i, n);

@@ -161,13 +161,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   using namespace ddpm_fast;
   m.impl("gaussian_noise", &gaussian_noise_cpu);
   m.impl("q_sample", &q_sample_cpu);
-  using Steps = glue::StepOps<&run_step>;
-  m.impl("ddpm_step", &Steps::ddpm_step);
-  m.impl("ddpm_step_out", &Steps::ddpm_step_out);
-  m.impl("ddim_step", &Steps::ddim_step);
-  m.impl("ddim_step_out", &Steps::ddim_step_out);
-  m.impl("ddim_reverse_step", &Steps::ddim_reverse_step);
-  m.impl("ddim_reverse_step_out", &Steps::ddim_reverse_step_out);
+  glue::StepOps<&run_step>::impl_all(m);  // ddpm_step, ddim_step, ddim_reverse_step and their _out forms
   m.impl("diffusion_loss", &diffusion_loss_cpu);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
   m.impl("vlb_loss", &vlb_loss_cpu);

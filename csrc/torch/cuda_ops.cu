@@ -129,13 +129,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   using namespace ddpm_fast;
   m.impl("gaussian_noise", &gaussian_noise_cuda);
   m.impl("q_sample", &q_sample_cuda);
-  using Steps = glue::StepOps<&run_step>;
-  m.impl("ddpm_step", &Steps::ddpm_step);
-  m.impl("ddpm_step_out", &Steps::ddpm_step_out);
-  m.impl("ddim_step", &Steps::ddim_step);
-  m.impl("ddim_step_out", &Steps::ddim_step_out);
-  m.impl("ddim_reverse_step", &Steps::ddim_reverse_step);
-  m.impl("ddim_reverse_step_out", &Steps::ddim_reverse_step_out);
+  glue::StepOps<&run_step>::impl_all(m);  // ddpm_step, ddim_step, ddim_reverse_step and their _out forms
   m.impl("diffusion_loss", &diffusion_loss_cuda);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cuda);
   m.impl("vlb_loss", &vlb_loss_cuda);

@@ -385,6 +385,17 @@ struct StepOps {
     return std::get<1>(run(mo, t, nt, x_t, abar, c10::nullopt, c10::nullopt, c10::nullopt,
                            ddim_options(0.0, pred, uc, 1.0, clip, range, thr, ratio, smv, w), rx0, out));
   }
+
+  // Registers the six entry points in a TORCH_LIBRARY_IMPL block.
+  template <typename Library>
+  static void impl_all(Library& m) {
+    m.impl("ddpm_step", &ddpm_step);
+    m.impl("ddpm_step_out", &ddpm_step_out);
+    m.impl("ddim_step", &ddim_step);
+    m.impl("ddim_step_out", &ddim_step_out);
+    m.impl("ddim_reverse_step", &ddim_reverse_step);
+    m.impl("ddim_reverse_step_out", &ddim_reverse_step_out);
+  }
 };
 
 }  // namespace glue
