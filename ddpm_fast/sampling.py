@@ -32,6 +32,7 @@ from . import ops
 from .schedule import NoiseSchedule, space_timesteps
 from .schedulers import (DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
                          learned_variance_to_log, randn_like_diffusers, to_device_async)
+from .training import _unwrap  # the model output convention, shared with training_loss
 
 __all__ = ["sample"]
 
@@ -107,16 +108,6 @@ def _model_device(model) -> Optional[torch.device]:
         for p in model.parameters():
             return p.device
     return None
-
-
-def _unwrap(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"the model must return a tensor, an object with .sample, or a tuple; got {type(out).__name__}")
 
 
 def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inference_steps: Optional[int] = None,

@@ -143,6 +143,7 @@ class LossAwareSampler(UniformSampler):
 
 
 def _unwrap(out) -> torch.Tensor:
+    """The tensor of a model's output (a tensor, an object with .sample, or a tuple); sample() too."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
