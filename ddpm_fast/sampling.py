@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import ops
+from .nvtx import nvtx_range
 from .schedule import NoiseSchedule, space_timesteps
 from .schedulers import (DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
                          learned_variance_to_log, randn_like_diffusers, to_device_async)
@@ -177,7 +178,8 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     def body(x_in: torch.Tensor, t, p, tm, draw: bool):
         # draw: take this step's noise from the generator (diffusers' draw, in the output's dtype)
         model_in = torch.cat([x_in, x_in], 0) if guidance is not None else x_in
-        out = _unwrap(model(model_in, tm))
+        with nvtx_range("model"):
+            out = _unwrap(model(model_in, tm))
         noise = randn_like_diffusers(shape, generator, device, out.dtype) if draw else None
         if plan.kind == "ddpm":
             out = learned_variance_to_log(out, C, plan.variance_type)
@@ -219,17 +221,18 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
         with ctx:
             while i < warm:
                 draw = generator is not None and plan.needs_noise(plan.timesteps[i])
-                with torch.no_grad():
+                with torch.no_grad(), nvtx_range(f"step t={plan.timesteps[i]}"):
                     x = body(x, t_rows[i], p_rows[i], tmodel_rows[i], draw)
                 after(i, x)
                 i += 1
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
         if i < n:
-            x, i = _graph_loop(body, x, i, n, t_rows, p_rows, tmodel_rows, device, after, strict=cuda_graph is True)
+            x, i = _graph_loop(body, x, i, n, t_rows, p_rows, tmodel_rows, device, after, strict=cuda_graph is True,
+                           names=plan.timesteps)
         # anything left (graph capture failed under "auto"): eager
         while i < n:
-            with torch.no_grad():
+            with torch.no_grad(), nvtx_range(f"step t={plan.timesteps[i]}"):
                 x = body(x, t_rows[i], p_rows[i], tmodel_rows[i], False)
             after(i, x)
             i += 1
@@ -240,7 +243,7 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     return x
 
 
-def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, strict):
+def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, strict, names):
     """Capture one loop body (model call + step) reading its step index from a device tensor,
     then replay it for steps ``i0..n-1``. Returns ``(x, next_i)``; on a capture failure under
     ``"auto"`` returns ``(x, i0)`` untouched (the caller finishes eagerly)."""
@@ -262,6 +265,7 @@ def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, s
         return x, i0
     # capture recorded body's offset increment without running it: the replays do it
     for i in range(i0, n):
-        graph.replay()
+        with nvtx_range(f"step t={names[i]} (graph)"):
+            graph.replay()
         after(i, static_x)
     return static_x, n
