@@ -82,6 +82,8 @@ static R row_quantile(std::vector<R>& v, double q) {
   const R below = v[lo];
   R above = below;
   if (hi > lo) above = *std::min_element(v.begin() + lo + 1, v.end());
+  // Equal neighbours (both +inf under a zero-SNR epsilon step) give that value, not inf - inf = NaN.
+  if (above == below) return below;
   const R w = static_cast<R>(pos - static_cast<double>(lo));
   return w < R(0.5) ? below + w * (above - below) : above - (above - below) * (R(1) - w);
 }

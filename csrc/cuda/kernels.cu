@@ -339,7 +339,8 @@ __global__ void finish_thresholds_kernel(const R* sorted, int64_t B, int64_t N, 
     const int64_t hi = lo + 1 < N ? lo + 1 : N - 1;
     const R w = static_cast<R>(pos - static_cast<double>(lo));
     const R below = v[lo], above = v[hi];
-    s = w < R(0.5) ? below + w * (above - below) : above - (above - below) * (R(1) - w);
+    // equal neighbours (both +inf under a zero-SNR epsilon step) give that value, not inf - inf = NaN
+    s = above == below ? below : (w < R(0.5) ? below + w * (above - below) : above - (above - below) * (R(1) - w));
     s = s < R(1) ? R(1) : s;
     s = s > static_cast<R>(smv) ? static_cast<R>(smv) : s;
   }
