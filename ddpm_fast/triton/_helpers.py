@@ -88,6 +88,23 @@ def is_flat(N: int) -> bool:
     return N < FLAT_ROW_MIN
 
 
+def launch_step(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bool, inputs, middle, tail,
+                out, x0_hat, return_x0: bool, thresholding: bool, dynamic_thresholding_ratio: float,
+                sample_max_value: float, kwargs):
+    """A step kernel's launches: with dynamic thresholding, a first pass writes the raw x0_hat
+    (``RAW_X0``) and the per-row thresholds s = clamp(quantile(|x0_hat|), 1, sample_max_value) come
+    from it; then the step itself. Kernel arguments are ``(*inputs, out, x0, *middle, thr, *tail)``."""
+    thr = dummy(device)
+    if thresholding:
+        raw = torch.empty((B, N), device=device, dtype=torch.float32)
+        launch(plain, tuned, B=B, N=N, device=device, allow_tune=True,
+               args=(*inputs, raw, raw, *middle, thr, *tail), kwargs=dict(kwargs, RAW_X0=True, WRITE_X0=False))
+        thr = row_quantile(raw.abs(), dynamic_thresholding_ratio).clamp(1.0, sample_max_value).contiguous()
+    launch(plain, tuned, B=B, N=N, device=device, allow_tune=allow_tune,
+           args=(*inputs, out, x0_hat if return_x0 else dummy(device), *middle, thr, *tail),
+           kwargs=dict(kwargs, RAW_X0=False, WRITE_X0=bool(return_x0)))
+
+
 def launch(plain, tuned, *, B: int, N: int, device: torch.device, allow_tune: bool, args, kwargs):
     """Launch an elementwise kernel on its grid: row-wise B * cdiv(N, BLOCK) programs, or flat
     cdiv(B * N, BLOCK) programs for short rows (``FLAT`` is added to the constexprs). Under the

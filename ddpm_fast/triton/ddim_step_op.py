@@ -96,17 +96,11 @@ def _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, o
                *H.fp32_pair(eta), *H.fp32_pair(final_alpha_cumprod))
     ptrs = (noise if noise is not None else H.dummy(dev), seed if seed is not None else i64,
             offset if offset is not None else i64)
-    thr = H.dummy(dev)
-    if thresholding:
-        raw = torch.empty((B, N), device=dev, dtype=torch.float32)
-        H.launch(_ddim_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=True,
-                 args=(mo, xt, raw, raw, t, prev_t, alphas_cumprod, *ptrs, thr, *scalars),
-                 kwargs=dict(common, RAW_X0=True, WRITE_X0=False))
-        thr = H.row_quantile(raw.abs(), dynamic_thresholding_ratio).clamp(1.0, sample_max_value).contiguous()
-    H.launch(_ddim_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=allow_tune,
-             args=(mo, xt, out, x0_hat if return_x0 else H.dummy(dev), t, prev_t, alphas_cumprod, *ptrs, thr,
-                   *scalars),
-             kwargs=dict(common, RAW_X0=False, WRITE_X0=bool(return_x0)))
+    H.launch_step(_ddim_step_kernel, _tuned, B=B, N=N, device=dev, allow_tune=allow_tune, inputs=(mo, xt),
+                  middle=(t, prev_t, alphas_cumprod, *ptrs), tail=scalars, out=out, x0_hat=x0_hat,
+                  return_x0=return_x0, thresholding=thresholding,
+                  dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                  kwargs=common)
     return x0_hat
 
 
