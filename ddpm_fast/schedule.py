@@ -161,14 +161,8 @@ class NoiseSchedule:
         return cached
 
     def table(self, device, name: str = "alphas_cumprod") -> torch.Tensor:
-        """The cached float64 copy of one table on ``device`` (kernels take ``alphas_cumprod``)."""
-        device = torch.device(device)
-        key = f"{name}@{device}"
-        cached = self._device_cache.get(key)
-        if cached is None:
-            cached = getattr(self, name).to(device=device, dtype=torch.float64)
-            self._device_cache[key] = cached
-        return cached
+        """One float64 table on ``device`` (kernels take ``alphas_cumprod``), from :meth:`to`'s cache."""
+        return getattr(self.to(device), name)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(num_timesteps={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, "
