@@ -91,27 +91,56 @@ def supports_dtype(device_type: str, dtype: torch.dtype) -> bool:
     return dtype == torch.float64 and device_type == "cpu"
 
 
-def _ops():
-    return torch.ops.ddpm_fast
+# The op namespace (its attributes resolve once the extension has loaded; every function below
+# runs only after availability() said it had). Options arrive validated (floats as floats).
+_ops = torch.ops.ddpm_fast
+
+_BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+try:
+    from torch.autograd import forward_ad as _forward_ad
+except ImportError:  # pragma: no cover
+    _forward_ad = None
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+def _call(op, args, *inputs):
+    """``op(*args)``. The steps and ``vlb_loss`` have Python autograd formulas
+    (:mod:`ddpm_fast._native_ops`), and torch.library's Python autograd layer runs on every call,
+    even where no graph can be recorded, where it only redispatches (about as long as the kernel
+    of a small step). Where no graph can be recorded (grad mode off, or no differentiable input
+    requiring grad; no forward-AD level, no functorch transform, not while Dynamo traces) the op
+    runs below autograd instead: the same kernel, the same outputs."""
+    if (_BelowAutograd is not None and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                                             for x in inputs))
+            and not _compiling() and not _functorch_active() and _forward_ad._current_level < 0):
+        with _BelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+if _BelowAutograd is None or _functorch_active is None or _forward_ad is None \
+        or not hasattr(_forward_ad, "_current_level") or not hasattr(torch, "compiler"):
+    def _call(op, args, *inputs):  # noqa: F811  (a torch without these hooks: always the plain call)
+        return op(*args)
 
 
 def gaussian_noise(shape, seed, offset, dtype):
-    return _ops().gaussian_noise(list(shape), seed, offset, dtype)
+    return _ops.gaussian_noise(list(shape), seed, offset, dtype)
 
 
 def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
-    return _ops().q_sample(x0, t, alphas_cumprod, noise, seed, offset)
+    return _ops.q_sample(x0, t, alphas_cumprod, noise, seed, offset)
 
 
-def _step(functional, inplace, args, inputs, return_x0, out):
-    if out is not None and not _needs_graph(*inputs):
+def _step(functional, inplace, args, model_output, x_t, noise, return_x0, out):
+    if out is not None and not (torch.is_grad_enabled() and (model_output.requires_grad or x_t.requires_grad)):
         x0_hat = inplace(*args, out=out)
         return out, (x0_hat if return_x0 else None)
-    x_prev, x0_hat = functional(*args)
+    x_prev, x0_hat = _call(functional, args, model_output, x_t, noise)
     if out is not None:
         out.copy_(x_prev)
         x_prev = out
@@ -122,33 +151,32 @@ def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset,
               clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
               guidance_scale, return_x0, out):
     args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-            clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
-            float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddpm_step, _ops().ddpm_step_out, args, (model_output, x_t), return_x0, out)
+            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+            guidance_scale, return_x0)
+    return _step(_ops.ddpm_step, _ops.ddpm_step_out, args, model_output, x_t, noise, return_x0, out)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
               use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
               dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, float(eta), prediction_type,
-            use_clipped_model_output, float(final_alpha_cumprod), clip_sample, float(clip_sample_range), thresholding,
-            float(dynamic_thresholding_ratio), float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddim_step, _ops().ddim_step_out, args, (model_output, x_t), return_x0, out)
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
+            use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
+            dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
+    return _step(_ops.ddim_step, _ops.ddim_step_out, args, model_output, x_t, noise, return_x0, out)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
                       clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
                       guidance_scale, return_x0, out):
     args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-            float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio), float(sample_max_value),
-            guidance_scale, return_x0)
-    return _step(_ops().ddim_reverse_step, _ops().ddim_reverse_step_out, args, (model_output, x_t), return_x0, out)
+            clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
+    return _step(_ops.ddim_reverse_step, _ops.ddim_reverse_step_out, args, model_output, x_t, None, return_x0, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):
-    return _ops().diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, target,
-                                 None if snr_gamma is None else float(snr_gamma))
+    return _ops.diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamma)
 
 
 def vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type):
-    return _ops().vlb_loss(model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type)
+    return _call(_ops.vlb_loss, (model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type),
+                 model_output, x0, x_t)

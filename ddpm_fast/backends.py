@@ -4,6 +4,12 @@ A backend is a module exposing ``NAME``, ``availability() -> {device_type: (bool
 ``supports_dtype(device_type, dtype) -> bool`` and one function per op with the normalised
 signatures documented in :mod:`ddpm_fast.ops`. Modules are imported lazily, the first time a
 backend is asked for, so a missing compiler or Triton costs nothing until used.
+
+:func:`resolve_backend` is on every op's path: a resolution is cached per ``(backend, the
+DDPM_FAST_BACKEND variable, device, dtype)`` (one dict lookup after the first call). While
+``torch.compile`` traces, the resolution (with any import it needs) runs outside the traced code
+(:func:`torch.compiler.assume_constant_result`), so a compiled function may be the first
+ddpm_fast call of a process; the module chosen is fixed in the compiled graph.
 """
 from __future__ import annotations
 
@@ -70,13 +76,69 @@ def get_backend(name: str):
     return _load(name)
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype):
+_resolved: Dict[tuple, object] = {}
+_ENV_VAR = "DDPM_FAST_BACKEND"
+
+
+def _env_backend() -> Optional[str]:
+    return os.environ.get(_ENV_VAR)
+
+
+if isinstance(getattr(os.environ, "_data", None), dict) and hasattr(os.environ, "encodekey"):
+    # os.environ.get is three Python-level calls (Mapping.get, __getitem__, encodekey): read the
+    # mapping's own dict (kept current by os.environ[...] = and putenv through os.environ).
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(_ENV_VAR)
+
+    def _env_backend() -> Optional[str]:  # noqa: F811
+        value = _ENV_DATA.get(_ENV_KEY)
+        return None if value is None else os.environ.decodevalue(value)
+
+
+def _is_compiling() -> bool:
+    return False
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):
+    _is_compiling = torch.compiler.is_compiling  # noqa: F811  (True while Dynamo traces)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                    compiling: Optional[bool] = None):
     """The backend module to run tensors of ``device``/``dtype``: an explicit name wins over
     ``DDPM_FAST_BACKEND``, which wins over the preference order. An explicit name that cannot
-    run them raises :class:`BackendUnavailable` with the reason."""
+    run them raises :class:`BackendUnavailable` with the reason. ``compiling``: the caller's
+    ``torch.compiler.is_compiling()`` (asked here when None)."""
+    if compiling or (compiling is None and _is_compiling()):
+        return _loaded[_resolve_while_tracing(backend, device, dtype)]
+    env = _env_backend() if backend is None else None
+    key = (backend, env, device, dtype)
+    mod = _resolved.get(key)
+    if mod is None:
+        mod = _resolve(backend, env, device, dtype)
+        # Availability is fixed once a module has loaded, except the Triton interpreter's CPU
+        # availability (TRITON_INTERPRET), which is read on every call.
+        if not (mod.NAME == "triton" and device.type == "cpu"):
+            _resolved[key] = mod
+    return mod
+
+
+def _resolve_while_tracing(backend, device, dtype) -> str:
+    """The name of the backend :func:`resolve_backend` picks (its module is then in ``_loaded``)."""
+    env = _env_backend() if backend is None else None
+    return _resolve(backend, env, device, dtype).NAME
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    # Dynamo calls it with the constant arguments while tracing instead of tracing into it (the
+    # import machinery is not traceable) and keeps the name it returns as a constant; the traced
+    # code then reads the loaded module from ``_loaded``.
+    _resolve_while_tracing = torch.compiler.assume_constant_result(_resolve_while_tracing)
+
+
+def _resolve(backend: Optional[str], env: Optional[str], device: torch.device, dtype: torch.dtype):
     explicit = backend
     if explicit is None:
-        explicit = os.environ.get("DDPM_FAST_BACKEND") or None
+        explicit = env or None
         if explicit is not None and explicit not in BACKEND_NAMES:
             raise ValueError(f"DDPM_FAST_BACKEND must be one of {BACKEND_NAMES}, got {explicit!r}")
     dev = device.type

@@ -49,6 +49,15 @@ returns it.
 
 Device-tensor timesteps are not range-checked on the host (that would be a device sync): set
 ``DDPM_FAST_DEBUG_CHECKS=1`` (or :func:`set_debug_checks`) to check them at the price of a sync.
+
+The fast path (docs/compile.md has the whole story): a Python int ``t``/``prev_t``/``seed``/``offset``
+becomes a cached int64 tensor (:func:`_int64_fill`; no allocation after the first call with that
+value), the backend resolution and the schedule's device table are cached, and nothing on the path
+reads a tensor value on the host except a CPU ``t`` tensor's range check. While ``torch.compile``
+traces (``torch.compiler.is_compiling()``) the same functions run without the caches (ints become
+tensors inside the graph, so a changing int ``t`` or ``offset`` is one symbolic input, not a
+recompile) and without host reads of tensor values (a tensor ``t`` is range-checked by the kernels,
+which give NaN rows for an out-of-range ``t``).
 """
 from __future__ import annotations
 
@@ -80,6 +89,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PAST_END = -(2 ** 62)
 
 _debug_checks = os.environ.get("DDPM_FAST_DEBUG_CHECKS", "") not in ("", "0")
+
+
+_CPU = torch.device("cpu")
+
+
+def _is_compiling() -> bool:
+    return False
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):
+    _is_compiling = torch.compiler.is_compiling  # noqa: F811  (True while Dynamo traces)
 
 
 def set_debug_checks(enabled: bool) -> None:
@@ -132,7 +152,7 @@ class _HostSteps:
         return _HostSteps(None if self.values is None else self.values + delta, self.lo + delta, self.hi + delta)
 
     def as_list(self, batch: int):
-        return [self.lo] * batch if self.values is None else self.values.tolist()
+        return [int(self.lo)] * batch if self.values is None else self.values.tolist()
 
 
 def _any_ge(a: _HostSteps, b: _HostSteps, batch: int) -> bool:
@@ -157,31 +177,39 @@ def _check_order(earlier_name: str, earlier: Optional[_HostSteps], later_name: s
 
 
 def _range_error(name, low, T, lo, hi):
+    lo, hi = int(lo), int(hi)  # while Dynamo traces, a SymInt: int() makes it printable (error path only)
     lo_txt = "any negative value (the final step)" if low == _PAST_END else low
     return ValueError(f"{name} must lie in [{lo_txt}, {T}) for this schedule, got values in [{lo}, {hi}]")
 
 
-def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: int = 0
-               ) -> Tuple[torch.Tensor, Optional[_HostSteps]]:
+def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: int = 0,
+               compiling: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[_HostSteps]]:
     """Normalise a timestep argument to a ``(B,)`` int64 tensor on ``device``. Returns it and,
-    when its values are known on the host without a device sync, a :class:`_HostSteps`."""
-    if isinstance(t, bool):
-        raise TypeError(f"{name} must be an int or an int64 tensor, got bool")
-    if isinstance(t, int):  # the fast path of a sampling loop: no host tensor, one fill
+    when its values are known on the host without a device sync, a :class:`_HostSteps`.
+    ``compiling``: :func:`_is_compiling` when the caller has it (one call per op), else None."""
+    if type(t) is int:  # the fast path of a sampling loop: a cached tensor (a SymInt while tracing)
         if t < low or t >= T:
             raise _range_error(name, low, T, t, t)
-        return torch.full((batch,), t, dtype=torch.int64, device=device), _HostSteps(None, t, t)
+        return _int64_fill(t, batch, device, compiling), _HostSteps(None, t, t)
+    if isinstance(t, bool):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got bool")
+    if isinstance(t, int):
+        return _timesteps(name, int(t), batch, device, T, low=low, compiling=compiling)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+    if compiling is None:
+        compiling = _is_compiling()
     if t.dim() == 0:
         if t.device.type == "cpu":
-            return _timesteps(name, int(t), batch, device, T, low=low)
+            if not compiling:
+                return _timesteps(name, int(t), batch, device, T, low=low)
+            t = t.to(device)  # no host read while tracing: the kernels check the range
         _check_same_device(device, **{name: t})
         host, t = None, t.to(torch.int64).expand(batch)
     elif t.dim() == 1 and t.shape[0] == batch:
-        if t.device.type == "cpu" and device.type == "cpu":
+        if t.device.type == "cpu" and device.type == "cpu" and not compiling:
             t = t.to(torch.int64)
             lo, hi = int(t.min()), int(t.max())
             if lo < low or hi >= T:
@@ -192,14 +220,15 @@ def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: i
     else:
         raise ValueError(f"{name} must be an int, a 0-d tensor or a ({batch},) tensor, got shape "
                          f"{tuple(t.shape)}")
-    if _debug_checks:
+    if _debug_checks and not compiling:
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= T:
             raise _range_error(name, low, T, lo, hi)
     return t.contiguous(), host
 
 
-def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], what: str):
+def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], what: str,
+                compiling: Optional[bool] = None):
     """Validate and normalise ``noise``/``seed``/``offset``. ``needed``: True, False or None
     (unknown on the host). Returns ``(noise, seed, offset)`` normalised for a backend."""
     if noise is not None and seed is not None:
@@ -220,32 +249,58 @@ def _noise_args(noise, seed, offset, shape, device, *, needed: Optional[bool], w
             raise ValueError(f"noise and seed are both None, and {what} may need noise (its timesteps are "
                              "a device tensor, not known on the host): give noise= or seed=")
         raise ValueError(f"noise and seed are both None, but {what} needs noise: give noise= or seed=")
-    return None, _seed_tensor(seed, shape[0], device), _offset_tensor(offset, device)
+    return None, _seed_tensor(seed, shape[0], device, compiling), _offset_tensor(offset, device, compiling)
 
 
-_SCALAR_CACHE: dict = {}
+_FILL_CACHE: dict = {}
+_FILL_CACHE_SIZE = 4096       # entries; cleared when full
+_FILL_CACHE_MAX_ROWS = 1024   # longer fills are made each call (their cost is small beside the op's)
 
 
-def _int64_scalar(value: int, device: torch.device) -> torch.Tensor:
-    """A cached ``(1,)`` int64 tensor holding ``value`` on ``device`` (read-only for backends):
-    saves the allocation and, on CUDA, the host-to-device copy of a repeated seed or offset."""
-    key = (value, device)
-    cached = _SCALAR_CACHE.get(key)
+def _int64_fill(value: int, n: int, device: torch.device, compiling: Optional[bool] = None) -> torch.Tensor:
+    """A ``(n,)`` int64 tensor holding ``value`` on ``device``, read-only for backends: the
+    normalised form of an int ``t``, ``seed`` or ``offset``. Cached by ``(value, n, device)``, so
+    a sampling loop's timesteps and offsets are allocated (and, on CUDA, filled) once; the
+    cached tensors are made outside inference mode (autograd may save them for a backward). Not
+    cached while Dynamo traces (the fill is a graph op over a symbolic int), while a CUDA graph is
+    being captured, or for long fills. On CUDA the key holds the current stream: a tensor is only
+    reused on the stream whose queue filled it."""
+    if compiling is None:
+        compiling = _is_compiling()
+    if compiling or n > _FILL_CACHE_MAX_ROWS:
+        return torch.full((n,), value, dtype=torch.int64, device=device)
+    if device == _CPU:  # (a comparison costs less than device.type or hashing the device)
+        key = (value, n)
+    elif device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.full((n,), value, dtype=torch.int64, device=device)
+        key = (value, n, device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (value, n, device)
+    cached = _FILL_CACHE.get(key)
     if cached is None:
-        if len(_SCALAR_CACHE) >= 1024:
-            _SCALAR_CACHE.clear()
-        cached = torch.tensor([value], dtype=torch.int64, device=device)
-        _SCALAR_CACHE[key] = cached
+        if len(_FILL_CACHE) >= _FILL_CACHE_SIZE:
+            _FILL_CACHE.clear()
+        with torch.inference_mode(False):
+            cached = torch.full((n,), value, dtype=torch.int64, device=device)
+        _FILL_CACHE[key] = cached
     return cached
 
 
-def _seed_tensor(seed, batch: int, device: torch.device) -> torch.Tensor:
+def _int64_scalar(value: int, device: torch.device) -> torch.Tensor:
+    """A ``(1,)`` int64 tensor holding ``value`` on ``device`` (a seed or an offset)."""
+    return _int64_fill(value, 1, device)
+
+
+def _seed_tensor(seed, batch: int, device: torch.device, compiling: Optional[bool] = None) -> torch.Tensor:
+    if type(seed) is int and 0 <= seed < 2 ** 63:  # the fast path
+        return _int64_fill(seed, 1, device, compiling)
     if isinstance(seed, bool):
         raise TypeError("seed must be an int or an int64 tensor, got bool")
     if isinstance(seed, int):
         if not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
-        return _int64_scalar(seed, device)
+            raise ValueError(f"seed must lie in [0, 2**63), got {int(seed)}")
+        return _int64_fill(seed, 1, device, compiling)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed must be an int64 tensor, got dtype {seed.dtype}")
@@ -260,13 +315,15 @@ def _seed_tensor(seed, batch: int, device: torch.device) -> torch.Tensor:
     raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
 
 
-def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
+def _offset_tensor(offset, device: torch.device, compiling: Optional[bool] = None) -> torch.Tensor:
+    if type(offset) is int and 0 <= offset < 2 ** 63:  # the fast path
+        return _int64_fill(offset, 1, device, compiling)
     if isinstance(offset, bool):
         raise TypeError("offset must be an int or a 0-d int64 tensor, got bool")
     if isinstance(offset, int):
         if not 0 <= offset < 2 ** 63:
-            raise ValueError(f"offset must lie in [0, 2**63), got {offset}")
-        return _int64_scalar(offset, device)
+            raise ValueError(f"offset must lie in [0, 2**63), got {int(offset)}")
+        return _int64_fill(offset, 1, device, compiling)
     if isinstance(offset, torch.Tensor):
         if offset.dtype != torch.int64 or offset.numel() != 1:
             raise ValueError(f"offset must be an int or a 0-d int64 tensor, got {offset.dtype} of shape "
@@ -276,6 +333,9 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
 
 
 def _check_float(name: str, value, *, low=None, high=None, allow_none=False):
+    if type(value) is float and (low is None or value >= low) and (high is None or value <= high) \
+            and value == value:  # the fast path (value == value: not NaN)
+        return value
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -287,6 +347,8 @@ def _check_float(name: str, value, *, low=None, high=None, allow_none=False):
 
 
 def _check_bool(name: str, value) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
@@ -337,8 +399,46 @@ def _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresh
     )
 
 
-def _dtype_for_backend(*xs):
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else xs[0].dtype
+def _dtype_for_backend(x, *others):
+    """The dtype a backend must support: float64 if any input is, else the sample's."""
+    if x.dtype is torch.float64:
+        return x.dtype
+    for o in others:
+        if o.dtype is torch.float64:
+            return o.dtype
+    return x.dtype
+
+
+def _table(schedule: NoiseSchedule, device: torch.device, compiling: bool) -> torch.Tensor:
+    """The schedule's float64 ``alphas_cumprod`` on ``device`` (the CPU table itself, else the
+    schedule's cached device copy; made outside the traced code when Dynamo traces)."""
+    if device == _CPU:
+        return schedule.alphas_cumprod
+    if compiling:
+        _cache_device_table(schedule, device)
+    return schedule.table(device)
+
+
+def _cache_device_table(schedule: NoiseSchedule, device: torch.device) -> bool:
+    schedule.to(device)  # fills the schedule's device cache, which the traced code then reads
+    return True
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    _cache_device_table = torch.compiler.assume_constant_result(_cache_device_table)
+
+
+def _check_device(device: torch.device, name: str, x: torch.Tensor) -> None:
+    if x.device != device:
+        _check_same_device(device, **{name: x})
+
+
+def _noise_needed(noise, seed, host: Optional[_HostSteps]) -> Optional[bool]:
+    """Whether a DDPM step needs noise (some row has ``t > 0``); decided (so read) only when
+    neither ``noise`` nor ``seed`` is given: a traced int ``t`` then adds no guard on its value."""
+    if noise is not None or seed is not None:
+        return True
+    return None if host is None else host.hi > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,18 +453,20 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
         shape = tuple(int(s) for s in shape)
     except TypeError:
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if any(s < 0 for s in shape) or len(shape) == 0:
+    if len(shape) == 0 or min(shape) < 0:
         raise ValueError(f"shape must be a non-empty sequence of non-negative ints, got {shape}")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     if device is None:
-        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else _CPU
+    elif type(device) is not torch.device:
+        device = torch.device(device)
+    if device != _CPU and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    seed_t = _seed_tensor(seed, shape[0], device)
-    offset_t = _offset_tensor(offset, device)
-    impl = resolve_backend(backend, device, dtype)
+    compiling = _is_compiling()
+    seed_t = _seed_tensor(seed, shape[0], device, compiling)
+    offset_t = _offset_tensor(offset, device, compiling)
+    impl = resolve_backend(backend, device, dtype, compiling)
     return impl.gaussian_noise(shape, seed_t, offset_t, dtype)
 
 
@@ -374,27 +476,35 @@ def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, backend: Optio
     the §3 noise of ``(seed, offset)``. Differentiable in ``x0``."""
     x0 = _check_tensor("x0", x0)
     schedule = _check_schedule(schedule)
-    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
-    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=True, what="q_sample")
-    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0))
-    return impl.q_sample(x0, tt, schedule.table(x0.device), noise, seed_t, offset_t)
+    dev, shape, compiling = x0.device, x0.shape, _is_compiling()
+    tt, _ = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=True, what="q_sample",
+                                          compiling=compiling)
+    impl = resolve_backend(backend, dev, x0.dtype, compiling)
+    return impl.q_sample(x0, tt, _table(schedule, dev, compiling), noise, seed_t, offset_t)
 
 
 def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t, return_x0, out, clip_opts):
     """Validation shared by the three steps: tensors, schedule, guidance shape, the clipping and
-    thresholding options, ``return_x0``, ``out`` and ``t``."""
+    thresholding options, ``return_x0``, ``out`` and ``t``. Returns the normalised values with
+    ``compiling``, the sample's device and its shape (each read once: a tensor attribute costs
+    more than a local)."""
     model_output = _check_tensor("model_output", model_output)
     x_t = _check_tensor("x_t", x_t)
     schedule = _check_schedule(schedule)
-    _check_same_device(x_t.device, model_output=model_output)
+    dev, shape = x_t.device, x_t.shape
+    _check_device(dev, "model_output", model_output)
     guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
-    _sample_shape_checks(model_output, x_t, channels_factor=channels_factor, guidance=guidance_scale is not None)
+    if channels_factor != 1 or guidance_scale is not None or model_output.shape != shape:
+        _sample_shape_checks(model_output, x_t, channels_factor=channels_factor,
+                             guidance=guidance_scale is not None)
     opts = _threshold_args(*clip_opts)
     opts["guidance_scale"] = guidance_scale
     opts["return_x0"] = _check_bool("return_x0", return_x0)
     opts["out"] = _check_out(out, x_t)
-    tt, t_host = _timesteps("t", t, x_t.shape[0], x_t.device, schedule.num_timesteps)
-    return model_output, x_t, schedule, opts, tt, t_host
+    compiling = _is_compiling()
+    tt, t_host = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
+    return model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape
 
 
 @range_for_op("ddpm_step")
@@ -409,21 +519,24 @@ def ddpm_step(model_output, t, x_t, schedule, *, prev_t=None, prediction_type="e
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, VARIANCE_TYPES)
     factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
-    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+    model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape = _step_common(
         model_output, x_t, schedule, guidance_scale, factor, t, return_x0, out,
         (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
-    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
+    B, T = shape[0], schedule.num_timesteps
     if prev_t is None:
-        pt = tt - 1
+        if t_host is not None and t_host.values is None:  # one host value: t - 1 from the cache
+            pt = _int64_fill(t_host.lo - 1, B, dev, compiling)
+        else:
+            pt = tt - 1
         pt_host = None if t_host is None else t_host.shifted(-1)
     else:
-        pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
-    _check_order("prev_t", pt_host, "t", t_host, B)
-    needed = None if t_host is None else t_host.hi > 0
-    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=needed, what="ddpm_step")
-    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
-    x_prev, x0_hat = impl.ddpm_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
-                                    prediction_type=prediction_type, variance_type=variance_type, **opts)
+        pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END, compiling=compiling)
+        _check_order("prev_t", pt_host, "t", t_host, B)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=_noise_needed(noise, seed, t_host),
+                                          what="ddpm_step", compiling=compiling)
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output), compiling)
+    x_prev, x0_hat = impl.ddpm_step(model_output, tt, pt, x_t, _table(schedule, dev, compiling), noise, seed_t,
+                                    offset_t, prediction_type=prediction_type, variance_type=variance_type, **opts)
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
@@ -435,22 +548,26 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     """One DDIM step (Song et al.) from ``t`` to ``prev_t`` (negative: the final step, with
     ``abar_prev = final_alpha_cumprod``). Noise only when ``eta > 0``; ``eta`` in [0, 1]."""
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+    model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,
         (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
     eta = _check_float("eta", eta, low=0.0, high=1.0)
     final_alpha_cumprod = _check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0)
     use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
-    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
-    pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END)
+    B, T = shape[0], schedule.num_timesteps
+    pt, pt_host = _timesteps("prev_t", prev_t, B, dev, T, low=_PAST_END, compiling=compiling)
     _check_order("prev_t", pt_host, "t", t_host, B)
-    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x_t.shape, dev, needed=eta > 0, what="ddim_step")
-    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
-    x_prev, x0_hat = impl.ddim_step(model_output, tt, pt, x_t, schedule.table(dev), noise, seed_t, offset_t,
-                                    eta=eta, prediction_type=prediction_type,
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=eta > 0, what="ddim_step",
+                                          compiling=compiling)
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output), compiling)
+    x_prev, x0_hat = impl.ddim_step(model_output, tt, pt, x_t, _table(schedule, dev, compiling), noise, seed_t,
+                                    offset_t, eta=eta, prediction_type=prediction_type,
                                     use_clipped_model_output=use_clipped_model_output,
                                     final_alpha_cumprod=final_alpha_cumprod, **opts)
     return (x_prev, x0_hat) if return_x0 else x_prev
+
+
+_REVERSE_IGNORED = ("noise", "seed", "offset", "final_alpha_cumprod")
 
 
 @range_for_op("ddim_reverse_step")
@@ -461,21 +578,21 @@ def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, predic
     """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
     larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
     for k in unused:
-        if k not in ("noise", "seed", "offset", "final_alpha_cumprod"):
+        if k not in _REVERSE_IGNORED:
             raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
         if k in ("noise", "seed") and unused[k] is not None:
             raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    model_output, x_t, schedule, opts, tt, t_host = _step_common(
+    model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,
         (clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value))
     eta = _check_float("eta", eta, low=0.0, high=0.0)
     use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
-    B, T, dev = x_t.shape[0], schedule.num_timesteps, x_t.device
-    nt, nt_host = _timesteps("next_t", next_t, B, dev, T)
+    B, T = shape[0], schedule.num_timesteps
+    nt, nt_host = _timesteps("next_t", next_t, B, dev, T, compiling=compiling)
     _check_order("t", t_host, "next_t", nt_host, B)
-    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output))
-    x_next, x0_hat = impl.ddim_reverse_step(model_output, tt, nt, x_t, schedule.table(dev),
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x_t, model_output), compiling)
+    x_next, x0_hat = impl.ddim_reverse_step(model_output, tt, nt, x_t, _table(schedule, dev, compiling),
                                             prediction_type=prediction_type,
                                             use_clipped_model_output=use_clipped_model_output, **opts)
     return (x_next, x0_hat) if return_x0 else x_next
@@ -487,6 +604,13 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_sample.sum()
     return per_sample.mean()
+
+
+def _check_snr_gamma(snr_gamma):
+    snr_gamma = _check_float("snr_gamma", snr_gamma, low=0.0, allow_none=True)
+    if snr_gamma is not None and snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+    return snr_gamma
 
 
 @range_for_op("loss fwd")
@@ -501,19 +625,32 @@ def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=Non
     model_output = _check_tensor("model_output", model_output)
     x0 = _check_tensor("x0", x0)
     schedule = _check_schedule(schedule)
-    _check_same_device(x0.device, model_output=model_output)
-    if model_output.shape != x0.shape:
-        raise ValueError(f"model_output must have x0's shape {tuple(x0.shape)}, got {tuple(model_output.shape)}")
-    snr_gamma = _check_float("snr_gamma", snr_gamma, low=0.0, allow_none=True)
-    if snr_gamma is not None and snr_gamma <= 0:
-        raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
-    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
-    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=target != "sample",
-                                          what=f"diffusion_loss with target={target!r}")
-    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0, model_output))
-    per_sample = impl.diffusion_loss(model_output, x0, tt, schedule.table(x0.device), noise, seed_t, offset_t,
-                                     target=target, snr_gamma=snr_gamma)
+    dev, shape, compiling = x0.device, x0.shape, _is_compiling()
+    _check_device(dev, "model_output", model_output)
+    if model_output.shape != shape:
+        raise ValueError(f"model_output must have x0's shape {tuple(shape)}, got {tuple(model_output.shape)}")
+    snr_gamma = _check_snr_gamma(snr_gamma)
+    tt, _ = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=target != "sample",
+                                          what=f"diffusion_loss with target={target!r}", compiling=compiling)
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x0, model_output), compiling)
+    per_sample = impl.diffusion_loss(model_output, x0, tt, _table(schedule, dev, compiling), noise, seed_t,
+                                     offset_t, target=target, snr_gamma=snr_gamma)
     return _reduce(per_sample, reduction)
+
+
+def _vlb_common(model_output, x0, schedule, prediction_type, variance_type, reduction, variance_types):
+    """Validation shared by vlb_loss and hybrid_loss: options, tensors, schedule, 2C channels."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("variance_type", variance_type, variance_types)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    model_output = _check_tensor("model_output", model_output)
+    x0 = _check_tensor("x0", x0)
+    schedule = _check_schedule(schedule)
+    _check_device(x0.device, "model_output", model_output)
+    factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
+    _sample_shape_checks(model_output, x0, channels_factor=factor, guidance=False, x_name="x0")
+    return model_output, x0, schedule
 
 
 @range_for_op("vlb_loss fwd")
@@ -522,21 +659,16 @@ def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", v
     """The variational-bound term per sample, in bits per dimension: ``KL(q(x_{t-1}|x_t,x0) ||
     p(x_{t-1}|x_t))`` for ``t > 0``, the discretized decoder NLL at ``t = 0``. ``model_output``
     has ``2C`` channels for learned variance types. Differentiable in ``model_output``."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    _check_choice("variance_type", variance_type, VARIANCE_TYPES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    model_output = _check_tensor("model_output", model_output)
-    x0 = _check_tensor("x0", x0)
+    model_output, x0, schedule = _vlb_common(model_output, x0, schedule, prediction_type, variance_type,
+                                             reduction, VARIANCE_TYPES)
     x_t = _check_tensor("x_t", x_t)
-    schedule = _check_schedule(schedule)
-    _check_same_device(x0.device, model_output=model_output, x_t=x_t)
+    dev, compiling = x0.device, _is_compiling()
+    _check_device(dev, "x_t", x_t)
     if x_t.shape != x0.shape:
         raise ValueError(f"x_t must have x0's shape {tuple(x0.shape)}, got {tuple(x_t.shape)}")
-    factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
-    _sample_shape_checks(model_output, x0, channels_factor=factor, guidance=False, x_name="x0")
-    tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
-    impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0, model_output, x_t))
-    per_sample = impl.vlb_loss(model_output, x0, x_t, tt, schedule.table(x0.device),
+    tt, _ = _timesteps("t", t, x0.shape[0], dev, schedule.num_timesteps, compiling=compiling)
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x0, model_output, x_t), compiling)
+    per_sample = impl.vlb_loss(model_output, x0, x_t, tt, _table(schedule, dev, compiling),
                                prediction_type=prediction_type, variance_type=variance_type)
     return _reduce(per_sample, reduction)
 
@@ -546,21 +678,25 @@ def hybrid_loss(model_output, x0, t, schedule, *, noise=None, seed=None, offset=
                 variance_type="learned_range", snr_gamma=None, reduction="mean", backend: Optional[str] = None):
     """improved DDPM's hybrid loss (``RESCALED_MSE``): the simple loss on the first ``C`` channels
     plus ``T/1000`` times the VLB term, which sees the predicted mean through a stop-gradient (it
-    trains the variance channels only) and rebuilds ``x_t`` from the same noise."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    _check_choice("variance_type", variance_type, LEARNED_VARIANCE_TYPES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    model_output = _check_tensor("model_output", model_output)
-    x0 = _check_tensor("x0", x0)
-    schedule = _check_schedule(schedule)
-    _sample_shape_checks(model_output, x0, channels_factor=2, guidance=False, x_name="x0")
+    trains the variance channels only) and rebuilds ``x_t`` from the same noise.
+
+    Validated and normalised once; the three backend calls (simple loss, q_sample, VLB term) share
+    ``t``, the noise arguments, the table and the backend."""
+    model_output, x0, schedule = _vlb_common(model_output, x0, schedule, prediction_type, variance_type,
+                                             reduction, LEARNED_VARIANCE_TYPES)
+    snr_gamma = _check_snr_gamma(snr_gamma)
+    dev, compiling = x0.device, _is_compiling()
+    tt, _ = _timesteps("t", t, x0.shape[0], dev, schedule.num_timesteps, compiling=compiling)
+    noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, dev, needed=True, what="hybrid_loss",
+                                          compiling=compiling)
+    impl = resolve_backend(backend, dev, _dtype_for_backend(x0, model_output), compiling)
+    abar = _table(schedule, dev, compiling)
     C = x0.shape[1]
     prediction, variance = model_output[:, :C], model_output[:, C:]
-    simple = diffusion_loss(prediction, x0, t, schedule, target=prediction_type, noise=noise, seed=seed,
-                            offset=offset, snr_gamma=snr_gamma, reduction="none", backend=backend)
+    simple = impl.diffusion_loss(prediction, x0, tt, abar, noise, seed_t, offset_t, target=prediction_type,
+                                 snr_gamma=snr_gamma)
     with torch.no_grad():
-        x_t = q_sample(x0, t, schedule, noise, seed=seed, offset=offset, backend=backend)
+        x_t = impl.q_sample(x0, tt, abar, noise, seed_t, offset_t)
     frozen = torch.cat([prediction.detach(), variance], dim=1)
-    vlb = vlb_loss(frozen, x0, x_t, t, schedule, prediction_type=prediction_type, variance_type=variance_type,
-                   reduction="none", backend=backend)
+    vlb = impl.vlb_loss(frozen, x0, x_t, tt, abar, prediction_type=prediction_type, variance_type=variance_type)
     return _reduce(simple + (schedule.num_timesteps / 1000.0) * vlb, reduction)

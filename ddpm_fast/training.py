@@ -8,6 +8,12 @@ seeded with ``splitmix64(seed, offset)`` (so they do not touch torch's global ge
 copied to the data's device; the noise is the §3 noise of ``(seed, offset)``, which
 :func:`~ddpm_fast.q_sample` and :func:`~ddpm_fast.diffusion_loss` both regenerate, so no noise
 tensor is kept between forward and backward.
+
+Under ``torch.compile(fullgraph=True)``: Dynamo cannot trace a ``torch.Generator``, so while it
+traces, the default uniform draw runs inside one custom op (``ddpm_fast_training::uniform_timesteps``,
+the same sampler and generator as eagerly, so the compiled loss equals the eager one); the seed
+and offset enter it as an int64 tensor, so a changing ``offset`` does not recompile. A
+:class:`LossAwareSampler` (whose ``update`` reads the losses on the host) needs eager mode.
 """
 from __future__ import annotations
 
@@ -142,6 +148,38 @@ class LossAwareSampler(UniformSampler):
         self._counts = np.array(state["counts"], dtype=np.int64)
 
 
+def _uniform_timesteps(seed_offset: torch.Tensor, batch: int, num_timesteps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The default sampler's ``(t, w)`` for ``seed_offset = [seed, offset]`` (CPU int64): what
+    :func:`training_loss` draws eagerly, as one op that Dynamo keeps opaque."""
+    seed, offset = seed_offset.tolist()
+    return UniformSampler(num_timesteps).sample(batch, timestep_generator(seed, offset))
+
+
+_uniform_timesteps_op = None
+if hasattr(torch.library, "custom_op"):
+    _uniform_timesteps.__annotations__ = {"seed_offset": torch.Tensor, "batch": int, "num_timesteps": int,
+                                          "return": Tuple[torch.Tensor, torch.Tensor]}
+    _uniform_timesteps_op = torch.library.custom_op("ddpm_fast_training::uniform_timesteps", _uniform_timesteps,
+                                                    mutates_args=(), device_types="cpu")
+
+    @_uniform_timesteps_op.register_fake
+    def _(seed_offset, batch, num_timesteps):
+        return (torch.empty(batch, dtype=torch.int64, device=seed_offset.device),
+                torch.empty(batch, dtype=torch.float32, device=seed_offset.device))
+
+
+def _draw_timesteps(timestep_sampler, batch: int, seed, offset: int):
+    """``(t, w)`` on the CPU. While Dynamo traces, the uniform draw is one opaque op."""
+    if ops._is_compiling():
+        if type(timestep_sampler) is not UniformSampler or _uniform_timesteps_op is None:
+            raise TypeError(f"under torch.compile, training_loss draws t with the default UniformSampler only, "
+                            f"got {type(timestep_sampler).__name__}: a LossAwareSampler reads the losses on the "
+                            "host; call training_loss eagerly or draw t outside the compiled code")
+        return _uniform_timesteps_op(torch.tensor([seed, offset], dtype=torch.int64), batch,
+                                     timestep_sampler.num_timesteps)
+    return timestep_sampler.sample(batch, timestep_generator(seed, offset))
+
+
 def _unwrap(out) -> torch.Tensor:
     """The tensor of a model's output (a tensor, an object with .sample, or a tuple); sample() too."""
     if isinstance(out, torch.Tensor):
@@ -197,7 +235,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
         raise ValueError(f"timestep_sampler has {timestep_sampler.num_timesteps} timesteps, the schedule "
                          f"{schedule.num_timesteps}")
     B = x0.shape[0]
-    t_cpu, w_cpu = timestep_sampler.sample(B, timestep_generator(seed, offset))
+    t_cpu, w_cpu = _draw_timesteps(timestep_sampler, B, seed, offset)
     dev = x0.device
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
