@@ -251,12 +251,12 @@ class _FastSchedulerBase(*BASES):
         self._device_states: Dict[str, _DeviceState] = {}
 
     def _reset_noise(self, device=None):
-        """After set_timesteps: the next step that needs counter noise draws a new seed."""
+        """After set_timesteps: the next step that needs counter noise draws a new seed. The
+        tables of ``device`` (the CPU by default) are made now, not inside a first (compiled) step."""
         self._seed_cpu = None
         for st in self._device_states.values():
             st.offset.zero_()
-        if device is not None:
-            self._state(_norm_device(device))
+        self._state(_norm_device(device if device is not None else "cpu"))
 
     def _ensure_seed(self):
         """Draw the counter-noise seed from torch's global generator if not drawn since
@@ -423,9 +423,11 @@ class _FastSchedulerBase(*BASES):
         elif dev.type == "cpu" and not compiling:
             self._check_host_rows(t, off_schedule)
         st = self._state(dev)
+        # index_select, not prev_of[t]: indexing by a 0-d tensor is a host read under torch.compile
+        p = st.prev_of.index_select(0, t.reshape(-1)).reshape(t.shape)
         if self._index_shift:
-            return t + self._index_shift, st.prev_of[t] + self._index_shift, None
-        return t, st.prev_of[t], None
+            return t + self._index_shift, p + self._index_shift, None
+        return t, p, None
 
     def _guard_check(self, t, p):
         self._guard.check(t, p)
