@@ -1,4 +1,4 @@
-"""The drop-in schedulers (ddpm_fast/schedulers.py) against diffusers' DDPMScheduler and
+"""The drop-in schedulers (ddpm_fast/schedulers/) against diffusers' DDPMScheduler and
 DDIMScheduler, the deliberate differences (docs/diffusers.md), what diffusers accepts and we
 accept too, and the errors.
 
