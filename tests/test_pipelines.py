@@ -28,6 +28,16 @@ STEPS = 10
 TOL = 1e-3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is as fast, and on a shared machine far
+    faster (oversubscribed threads made one UNet call 100x slower there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unet():
     g = torch.random.get_rng_state()
