@@ -357,11 +357,22 @@ s.set_timesteps(10)
 x = torch.randn(2, 3)
 out = s.step(torch.randn(2, 3), s.timesteps[0], x)
 assert out.prev_sample.shape == (2, 3) and out[0] is out.prev_sample and len(out.to_tuple()) == 2
+import copy, pickle
+assert pickle.loads(pickle.dumps(s)).config == s.config and copy.deepcopy(s).config == s.config
+inv = S.DDIMInverseScheduler(num_train_timesteps=40, timestep_spacing="trailing")
+inv.save_pretrained({str(tmp_path / 'inv')!r})
+assert "kwargs" not in inv.config and S.DDIMInverseScheduler.from_pretrained({str(tmp_path / 'inv')!r}).config == inv.config
+inv.set_timesteps(4)
+assert inv.timesteps.tolist() == [9, 19, 29, 39] and inv.step(torch.randn(2, 3), 19, x).prev_sample.shape == (2, 3)
+par = S.DDIMParallelScheduler(num_train_timesteps=40)
+par.set_timesteps(4)
+assert par.batch_step_no_noise(torch.randn(2, 3), torch.tensor([30, 0]), x).shape == (2, 3)
 print("ok")
 """
     env = dict(os.environ, DDPM_FAST_NO_DIFFUSERS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert diffusers.DDIMInverseScheduler.from_pretrained(tmp_path / "inv").config.timestep_spacing == "trailing"
     loaded = diffusers.DDPMScheduler.from_pretrained(tmp_path / "o")
     assert loaded.config.num_train_timesteps == 300 and loaded.config.variance_type == "fixed_large"
     assert loaded.config.beta_schedule == "squaredcos_cap_v2"

@@ -57,6 +57,9 @@ class _OwnFrozenDict(OrderedDict):
 
     __delitem__ = setdefault = pop = update = _readonly
 
+    def __reduce__(self):  # pickle/deepcopy: rebuild from the items (setitem after init is refused)
+        return (type(self), (list(self.items()),))
+
     def __setattr__(self, name, value):
         if getattr(self, "_frozen", False):
             self._readonly()
