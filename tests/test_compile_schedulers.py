@@ -139,10 +139,12 @@ def test_step_traces_and_changing_t_does_not_recompile(lane, kind):
     ts = list(s.timesteps[:4])  # 0-d CPU tensors, as the pipelines pass them
     torch.manual_seed(3)
     compiled = [cf(mo, t, x, z) for t in ts]
-    offsets_after_compiled = int(s.noise_offset)
+    offsets_after_compiled, seed_compiled = int(s.noise_offset), s._noise_seed
     s.set_timesteps(10)
     torch.manual_seed(3)
     eager = [fn(mo, t, x, z) for t in ts]
+    # the lazy seed: drawn inside the graph from the same global generator, only where needed
+    assert seed_compiled == s._noise_seed and (seed_compiled is None) == (kind != "ddpm_counter_noise")
     # the lazy seed draw flips a Python attribute at the first call: one recompile at most there
     assert len(graphs) <= (2 if kind == "ddpm_counter_noise" else 1), f"{len(graphs)} graphs for 4 timesteps"
     for a, b in zip(compiled, eager):
