@@ -16,8 +16,8 @@ as ``uncond + w (cond - uncond)`` inside the fused kernel (learned-variance chan
 conditional half).
 
 Noise: ``seed`` (an int) gives the counter-based noise (README, "The noise contract"): ``x_T``
-at offset 0 and step ``i`` at offset ``1 + i`` (a device int64 tensor incremented in place, so a CUDA-graph replay draws fresh noise);
-row ``b`` does not depend on the batch size. ``generator`` (or a list, one per row) draws ``x_T``
+at offset 0 and step ``i`` at offset ``1 + i`` (a device int64 tensor incremented in place, so a
+CUDA-graph replay draws fresh noise); row ``b`` does not depend on the batch size. ``generator`` (or a list, one per row) draws ``x_T``
 and the step noise exactly as diffusers' ``DDPMPipeline``/``DDIMPipeline`` do (then there is no
 CUDA graph); nothing is drawn from torch's global generator then, so
 ``generator=torch.manual_seed(0)`` (diffusers' idiom, which passes the global generator itself)

@@ -7,8 +7,6 @@ one noise-free step for a batch whose rows sit at different timesteps (``timeste
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from .. import ops, reference
