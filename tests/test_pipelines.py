@@ -313,6 +313,12 @@ def test_swap_schedulers_warnings_and_errors(unet):
 
     custom = Custom()
     assert ddpm_fast.schedulers.from_diffusers(custom) is custom
+
+    class Mine(DDPMScheduler):  # a user's subclass of ours is recorded under its own module
+        pass
+
+    mine = diffusers.DDPMPipeline(unet=unet, scheduler=Mine())
+    assert list(mine.config.scheduler) == [Mine.__module__, "Mine"]
     assert type(ddpm_fast.schedulers.from_diffusers(diffusers.DDPMParallelScheduler())) is DDPMParallelScheduler
 
 

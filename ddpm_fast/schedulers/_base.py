@@ -213,10 +213,11 @@ class _FastSchedulerBase(*BASES):
         T = int(num_train_timesteps)
         self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy().astype(np.int64))
         self._seed_cpu: Optional[torch.Tensor] = None  # drawn lazily (_ensure_seed)
-        if USING_DIFFUSERS:
+        if USING_DIFFUSERS and type(self).__module__ == __package__:
             # A pipeline's model_index.json records a component as (its __module__, class name).
             # Ours record diffusers' class of the same name and config, so a user without
-            # ddpm_fast loads the saved pipeline (docs/diffusers.md, "Saving and loading").
+            # ddpm_fast loads the saved pipeline (docs/diffusers.md, "Saving and loading"). A
+            # user's subclass keeps its own module (diffusers has no class of its name).
             self.__module__ = "diffusers"
         self._set_prev_table(None)
 
