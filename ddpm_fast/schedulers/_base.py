@@ -224,6 +224,10 @@ class _FastSchedulerBase(*BASES):
     def _table_len(self) -> int:
         return self.schedule.num_timesteps
 
+    def _ops_schedule(self) -> NoiseSchedule:
+        """The schedule whose table the step ops index."""
+        return self.schedule
+
     def _fallback_ratio(self) -> int:
         """``T // n`` of diffusers' ``t - T // n`` (1 before set_timesteps and with custom timesteps)."""
         n = None if self.custom_timesteps else self.num_inference_steps
@@ -264,7 +268,7 @@ class _FastSchedulerBase(*BASES):
         set_timesteps (one draw, only when a step needs noise and has no generator/variance_noise)."""
         if self._seed_cpu is None:
             self._seed_cpu = torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64)
-            for key, st in self._device_states.items():
+            for st in self._device_states.values():
                 st.seed.copy_(to_device_async(self._seed_cpu, st.seed.device))
 
     @property
@@ -283,7 +287,7 @@ class _FastSchedulerBase(*BASES):
             st.seed = (to_device_async(self._seed_cpu, device).clone() if self._seed_cpu is not None
                        else torch.zeros((), dtype=torch.int64, device=device))
             st.offset = torch.zeros((), dtype=torch.int64, device=device)
-            self.schedule.table(device)  # cache the float64 table on the device now
+            self._ops_schedule().table(device)  # cache the float64 table the ops read on the device now
             self._device_states[key] = st
         return st
 

@@ -72,6 +72,9 @@ class DDIMInverseScheduler(_DDIMTimesteps, _FastSchedulerBase):
         self._table = NoiseSchedule(betas.nan_to_num(nan=1.0), check_range=False)
         self.timesteps = torch.from_numpy(np.arange(0, int(num_train_timesteps)).astype(np.int64))
 
+    def _ops_schedule(self) -> NoiseSchedule:
+        return self._table
+
     def _fallback_prev(self, t):
         """diffusers' ``min(t - T // n, T - 1)`` (negative: from ``initial_alpha_cumprod``)."""
         p = super()._fallback_prev(t)
