@@ -9,8 +9,6 @@ initialising the group from those variables) with a tiny diffusers ``UNet2DModel
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
 import socket
 import subprocess
@@ -238,14 +236,28 @@ def _env(**extra) -> dict:
 def _launch(target: str, world: int, workdir: Path, timeout: float, preload=()) -> str:
     """Run ``world`` ranks of ``_TARGETS[target](workdir)`` as torchrun would: each with RANK,
     LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, initialising gloo from them (env://).
-    Forked from this process where possible, so the ranks inherit its imports (torch, ddpm_fast,
-    diffusers, and the torch._dynamo that DDP imports on construction: seconds per rank on a
-    shared machine); else fresh interpreters running this file. Returns how they were started."""
+    Forked from this process where that is safe (no CUDA context, no other thread), so the ranks
+    inherit its imports (torch, ddpm_fast, diffusers, and the torch._dynamo that DDP imports on
+    construction: seconds per rank on a shared machine); else fresh interpreters running this
+    file. Returns how they were started."""
     import importlib
     import multiprocessing as mp
 
+    import threading
+
     port = _free_port()
-    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+    try:  # tqdm's monitor thread (started by an earlier bar) is stopped; tqdm restarts it when needed
+        import tqdm
+        import tqdm.auto
+
+        for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
+            if getattr(cls, "monitor", None) is not None:
+                cls.monitor.exit()
+                cls.monitor = None
+    except ImportError:
+        pass
+    # fork only a process with no other Python thread (a lock held by one would stay held in the child)
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() and threading.active_count() == 1:
         for name in preload:
             importlib.import_module(name)
         ctx = mp.get_context("fork")
