@@ -7,6 +7,7 @@ Backend ``aot_eager`` (Dynamo + AOTAutograd, no code generation: fast); one smal
 the schedulers.
 """
 import importlib
+import os
 import time
 
 import pytest
@@ -190,14 +191,20 @@ def _toy_model():
     return net, model
 
 
-def test_training_loss_compiled_equals_eager():
+@pytest.mark.parametrize("indexed", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("DDPM_FAST_SLOW_TESTS", "") in ("", "0"),
+    reason="sample_index= traces ~1000 torch ops (the Philox rounds of row_seeds and row_bits), 30-60 s: "
+           "set DDPM_FAST_SLOW_TESTS=1 (test_indexed_timestep_draw_traces covers the draw)"))])
+def test_training_loss_compiled_equals_eager(indexed):
     """The compiled loss and gradients equal eager's (the same timesteps: the uniform draw runs
-    in an opaque op inside the graph); hybrid_loss under compile is tested above."""
+    in an opaque op inside the graph, or from the rows' bits with sample_index); hybrid_loss
+    under compile is tested above."""
     net, model = _toy_model()
     x0 = torch.randn(8, 2, generator=_g(4))
+    index = torch.arange(100, 108) if indexed else None
 
     def fwd(offset):
-        return ddpm_fast.training_loss(model, x0, SCHED, seed=3, offset=offset)
+        return ddpm_fast.training_loss(model, x0, SCHED, seed=3, offset=offset, sample_index=index)
 
     counter = Counter()
     compiled = torch.compile(fwd, fullgraph=True, backend=counter)
@@ -209,6 +216,21 @@ def test_training_loss_compiled_equals_eager():
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
         torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    assert counter.frames <= 2
+
+
+def test_indexed_timestep_draw_traces():
+    """training_loss(sample_index=...)'s timestep draw under compile: the rows' bits with the
+    offset as a tensor (no recompile per offset), the uniform branch of sample_from_bits."""
+    from ddpm_fast.noise import row_bits
+    from ddpm_fast.training import UniformSampler, _draw_indexed_timesteps
+
+    sampler, index = UniformSampler(SCHED.num_timesteps), torch.arange(20, 28)
+    counter = Counter()
+    compiled = torch.compile(lambda off: _draw_indexed_timesteps(sampler, 3, off, index), fullgraph=True,
+                             backend=counter)
+    for off in (5, 6, 7):
+        _equal(compiled(off), sampler.sample_from_bits(row_bits(3, off, index)))
     assert counter.frames <= 2
 
 
