@@ -459,7 +459,7 @@ if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_resul
     _cache_device_table = torch.compiler.assume_constant_result(_cache_device_table)
 
 
-def _check_device(device: torch.device, name: str, x: torch.Tensor) -> None:
+def _check_on_device(device: torch.device, name: str, x: torch.Tensor) -> None:
     if x.device != device:
         _check_same_device(device, **{name: x})
 
@@ -527,7 +527,7 @@ def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t
     x_t = _check_tensor("x_t", x_t)
     schedule = _check_schedule(schedule)
     dev, shape = x_t.device, x_t.shape
-    _check_device(dev, "model_output", model_output)
+    _check_on_device(dev, "model_output", model_output)
     guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
     if channels_factor != 1 or guidance_scale is not None or model_output.shape != shape:
         _sample_shape_checks(model_output, x_t, channels_factor=channels_factor,
@@ -660,7 +660,7 @@ def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=Non
     x0 = _check_tensor("x0", x0)
     schedule = _check_schedule(schedule)
     dev, shape, compiling = x0.device, x0.shape, _is_compiling()
-    _check_device(dev, "model_output", model_output)
+    _check_on_device(dev, "model_output", model_output)
     if model_output.shape != shape:
         raise ValueError(f"model_output must have x0's shape {tuple(shape)}, got {tuple(model_output.shape)}")
     snr_gamma = _check_snr_gamma(snr_gamma)
@@ -683,7 +683,7 @@ def _vlb_common(model_output, x0, schedule, prediction_type, variance_type, redu
     model_output = _check_tensor("model_output", model_output)
     x0 = _check_tensor("x0", x0)
     schedule = _check_schedule(schedule)
-    _check_device(x0.device, "model_output", model_output)
+    _check_on_device(x0.device, "model_output", model_output)
     factor = 2 if variance_type in LEARNED_VARIANCE_TYPES else 1
     _sample_shape_checks(model_output, x0, channels_factor=factor, guidance=False, x_name="x0")
     return model_output, x0, schedule
@@ -699,7 +699,7 @@ def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", v
                                              reduction, VARIANCE_TYPES)
     x_t = _check_tensor("x_t", x_t)
     dev, compiling = x0.device, _is_compiling()
-    _check_device(dev, "x_t", x_t)
+    _check_on_device(dev, "x_t", x_t)
     if x_t.shape != x0.shape:
         raise ValueError(f"x_t must have x0's shape {tuple(x0.shape)}, got {tuple(x_t.shape)}")
     tt, _ = _timesteps("t", t, x0.shape[0], dev, schedule.num_timesteps, compiling=compiling)
