@@ -6,8 +6,15 @@ and calls ``torch.ops.ddpm_fast.<op>``. The difference between the two, on 4-ele
 (where the kernel itself costs almost nothing), is that overhead. Each public call takes a new
 ``t`` and ``offset`` (cycling through 50 values, as a sampling loop does); the direct call gets
 tensors built beforehand. One thread; time is the calling thread's CPU time
-(``time.thread_time``), which time slices given to other processes do not inflate, and the pairs
-are sampled round-robin; the overhead is the median over rounds of (public - direct).
+(``time.thread_time``), which time slices given to other processes do not inflate, and the
+variants are sampled round-robin; an overhead is the median over rounds of the difference.
+
+Columns: ``public``; ``direct``, the registered op as users call it (``torch.ops.ddpm_fast.<op>``,
+through its autograd kernel); ``below``, the same call below autograd
+(``torch._C._AutoDispatchBelowAutograd``: the kernel alone). The steps and ``vlb_loss`` have Python
+autograd formulas, whose torch.library layer costs about as much as a small step; the public ops
+skip it when no graph can be recorded, so for them ``public - direct`` can be negative and
+``public - below`` is the Python dispatch layer's own cost.
 
     python benchmarks/test_bench_overhead.py              # the table (add --json out.json)
     pytest benchmarks/test_bench_overhead.py --benchmark-only
@@ -103,40 +110,53 @@ def _loop_us(fn: Callable[[int], object], calls: int) -> float:
 _clock = time.thread_time
 
 
+def _below_autograd(fn: Callable[[int], object]) -> Callable[[int], object]:
+    def below(i):
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn(i)
+    return below
+
+
 def measure(rounds: int = 15, calls: int = 200, only=None) -> Dict[str, dict]:
-    """Per op: median microseconds a call of the public and of the direct op, and the median over
-    rounds of their difference (round-robin: each round times every op's pair back to back)."""
+    """Per op: median microseconds a call of the public op, the direct op and the direct op below
+    autograd, and the medians over rounds of the differences (round-robin: each round times every
+    op's three variants back to back, in a rotating order)."""
     torch.set_num_threads(1)
-    table = {k: v for k, v in cases().items() if only is None or k in only}
+    table = {k: (pub, direct, _below_autograd(direct)) for k, (pub, direct) in cases().items()
+             if only is None or k in only}
     with torch.no_grad():
-        for pub, direct in table.values():  # warm-up: backends resolved, caches filled
-            _loop_us(pub, STEPS)
-            _loop_us(direct, STEPS)
+        for fns in table.values():  # warm-up: backends resolved, caches filled
+            for fn in fns:
+                _loop_us(fn, STEPS)
         samples = {k: [] for k in table}
         for r in range(rounds):
-            for name, (pub, direct) in table.items():
-                if r % 2:
-                    d, p = _loop_us(direct, calls), _loop_us(pub, calls)
-                else:
-                    p, d = _loop_us(pub, calls), _loop_us(direct, calls)
-                samples[name].append((p, d))
+            for name, fns in table.items():
+                order = [(r + j) % 3 for j in range(3)]
+                us = [0.0, 0.0, 0.0]
+                for j in order:
+                    us[j] = _loop_us(fns[j], calls)
+                samples[name].append(us)
     out = {}
     for name, s in samples.items():
-        over = sorted(p - d for p, d in s)
-        out[name] = {"public_us": statistics.median(p for p, _ in s), "direct_us": statistics.median(d for _, d in s),
-                     "overhead_us": statistics.median(over), "overhead_iqr_us": (over[len(over) // 4],
-                                                                                 over[(3 * len(over)) // 4])}
+        over = sorted(p - d for p, d, _ in s)
+        layer = sorted(p - b for p, _, b in s)
+        out[name] = {"public_us": statistics.median(p for p, _, _ in s),
+                     "direct_us": statistics.median(d for _, d, _ in s),
+                     "below_us": statistics.median(b for _, _, b in s),
+                     "overhead_us": statistics.median(over),
+                     "overhead_iqr_us": (over[len(over) // 4], over[(3 * len(over)) // 4]),
+                     "python_layer_us": statistics.median(layer)}
     return out
 
 
 def format_table(res: Dict[str, dict]) -> str:
     lines = [f"Python overhead, {SHAPE} fp32, CPU, 1 thread, thread CPU time, median of round-robin rounds "
              "(us a call)",
-             f"{'op':<20}{'public':>10}{'direct':>10}{'overhead':>10}  {'overhead IQR':>14}"]
+             f"{'op':<20}{'public':>9}{'direct':>9}{'below':>9}{'pub-dir':>9}  {'(IQR)':>13}{'pub-below':>11}"]
     for name, r in res.items():
         lo, hi = r["overhead_iqr_us"]
-        lines.append(f"{name:<20}{r['public_us']:>10.1f}{r['direct_us']:>10.1f}{r['overhead_us']:>10.1f}"
-                     f"  {lo:>6.1f}..{hi:<6.1f}")
+        lines.append(f"{name:<20}{r['public_us']:>9.1f}{r['direct_us']:>9.1f}{r['below_us']:>9.1f}"
+                     f"{r['overhead_us']:>9.1f}  {lo:>6.1f}..{hi:<6.1f}{r['python_layer_us']:>11.1f}")
     return "\n".join(lines)
 
 
@@ -170,14 +190,15 @@ if pytest is not None:
     _OPS = ("gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
             "vlb_loss", "hybrid_loss")
 
-    @pytest.mark.parametrize("which", ("public", "direct"))
+    @pytest.mark.parametrize("which", ("public", "direct", "below"))
     @pytest.mark.parametrize("op", _OPS)
     def test_overhead(benchmark, op, which):
         ok, why = _native_ok()
         if not ok:
             pytest.skip(f"the native backend is unavailable: {why}")
         torch.set_num_threads(1)
-        fn = cases()[op][0 if which == "public" else 1]
+        pub, direct = cases()[op]
+        fn = {"public": pub, "direct": direct, "below": _below_autograd(direct)}[which]
         state = {"i": 0}
 
         def call():

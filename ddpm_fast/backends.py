@@ -125,7 +125,11 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
 def _resolve_while_tracing(backend, device, dtype) -> str:
     """The name of the backend :func:`resolve_backend` picks (its module is then in ``_loaded``)."""
     env = _env_backend() if backend is None else None
-    return _resolve(backend, env, device, dtype).NAME
+    mod = _resolve(backend, env, device, dtype)
+    prepare = getattr(mod, "_load", None)  # a backend's own lazy imports (Triton's kernel modules)
+    if prepare is not None:
+        prepare()
+    return mod.NAME
 
 
 if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):

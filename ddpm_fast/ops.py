@@ -511,7 +511,8 @@ def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=N
     schedule = _check_schedule(schedule)
     dev, shape, compiling = x0.device, x0.shape, _is_compiling()
     tt, _ = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
-    seed = _indexed_seed(seed, sample_index, noise, shape[0], dev)
+    if sample_index is not None:
+        seed = _indexed_seed(seed, sample_index, noise, shape[0], dev)
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=True, what="q_sample",
                                           compiling=compiling)
     impl = resolve_backend(backend, dev, x0.dtype, compiling)
@@ -640,7 +641,12 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample.mean()
 
 
+_LOSS_WHAT = {target: f"diffusion_loss with target={target!r}" for target in LOSS_TARGETS}
+
+
 def _check_snr_gamma(snr_gamma):
+    if snr_gamma is None:
+        return None
     snr_gamma = _check_float("snr_gamma", snr_gamma, low=0.0, allow_none=True)
     if snr_gamma is not None and snr_gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
@@ -665,10 +671,10 @@ def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=Non
         raise ValueError(f"model_output must have x0's shape {tuple(shape)}, got {tuple(model_output.shape)}")
     snr_gamma = _check_snr_gamma(snr_gamma)
     tt, _ = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
-    if seed is not None or target != "sample":
+    if sample_index is not None and (seed is not None or target != "sample"):
         seed = _indexed_seed(seed, sample_index, noise, shape[0], dev)
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, shape, dev, needed=target != "sample",
-                                          what=f"diffusion_loss with target={target!r}", compiling=compiling)
+                                          what=_LOSS_WHAT[target], compiling=compiling)
     impl = resolve_backend(backend, dev, _dtype_for_backend(x0, model_output), compiling)
     per_sample = impl.diffusion_loss(model_output, x0, tt, _table(schedule, dev, compiling), noise, seed_t,
                                      offset_t, target=target, snr_gamma=snr_gamma)
