@@ -17,7 +17,10 @@ conditional half).
 
 Noise: ``seed`` (an int) gives the §3 noise: ``x_T`` at offset 0 and step ``i`` at offset
 ``1 + i`` (a device int64 tensor incremented in place, so a CUDA-graph replay draws fresh noise);
-row ``b`` does not depend on the batch size. ``generator`` (or a list, one per row) draws ``x_T``
+row ``b`` does not depend on the batch size. ``sample_index`` (a ``(B,)`` int64 tensor of the rows'
+global indices, with ``seed``): row ``b`` draws its ``x_T`` and every step's noise from the per-row
+seed ``row_seeds(seed, sample_index[b])`` instead, so it depends on its index only, not on its
+position in the batch (sharded sampling: :mod:`ddpm_fast.distributed`). ``generator`` (or a list, one per row) draws ``x_T``
 and the step noise exactly as diffusers' ``DDPMPipeline``/``DDIMPipeline`` do (then there is no
 CUDA graph). Neither: a seed drawn from torch's global CPU generator.
 """
@@ -115,7 +118,7 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
            *, eta: float = 0.0, seed: Optional[int] = None, generator=None, device=None,
            dtype: torch.dtype = torch.float32, guidance: Optional[float] = None, progress: bool = True,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
-           cuda_graph: Union[str, bool] = "auto"):
+           cuda_graph: Union[str, bool] = "auto", sample_index: Optional[torch.Tensor] = None):
     """Run the reverse process from ``x_T ~ N(0, I)`` to ``x_0``; returns ``x_0`` (and, with
     ``return_trajectory=True``, a ``(n + 1, *shape)`` tensor of ``x_T`` and every step's output).
 
@@ -155,9 +158,14 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     schedule.table(device)
 
     # x_T (seed and offset as device tensors: no host copy, no sync)
+    if sample_index is not None and seed is None:
+        raise ValueError("sample_index needs seed= (one seed for the whole sample set)")
     if generator is None and seed is None:
         seed = _draw_seed()
-    seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
+    if sample_index is not None:  # per-row seeds keyed by the global index (docs/distributed.md)
+        seed_dev = ops._indexed_seed(seed, sample_index, None, B, device).to(device)
+    else:
+        seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
     offset_dev = torch.zeros((), dtype=torch.int64, device=device)
     if generator is not None:
         x = randn_like_diffusers(shape, generator, device, dtype)
