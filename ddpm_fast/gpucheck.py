@@ -151,6 +151,66 @@ def _module_available(name: str) -> bool:
 def pytest_addoption(parser):
     parser.addoption("--gpucheck-select", action="store_true", default=False,
                      help="ddpm_fast gpucheck: keep only the tests whose name or skip reason mentions CUDA or a GPU")
+    parser.addoption("--gpucheck-progress", default=None, metavar="PATH",
+                     help="ddpm_fast gpucheck: append each test's start and outcome to PATH as it happens (JSON "
+                          "lines), so a lane killed at its deadline still says what ran")
+
+
+def _progress(config, record: dict) -> None:
+    path = config.getoption("--gpucheck-progress", default=None)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    cfg = _CONFIG.get("config")
+    if cfg is not None:
+        _progress(cfg, {"start": nodeid})
+
+
+def pytest_configure(config):
+    _CONFIG["config"] = config
+
+
+def pytest_runtest_logreport(report):
+    cfg = _CONFIG.get("config")
+    if cfg is None:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or \
+            (report.when == "teardown" and report.outcome == "failed"):
+        _progress(cfg, {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                        "seconds": round(getattr(report, "duration", 0.0), 2)})
+
+
+_CONFIG: dict = {}
+
+
+def read_progress(path: str) -> dict:
+    """Counts from a ``--gpucheck-progress`` file: outcomes per test, the failing ids, and the tests
+    started but not finished (running when the lane was stopped)."""
+    started, done, failed = [], {}, []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(r, dict):
+                    continue
+                if "start" in r:
+                    started.append(r["start"])
+                elif r.get("nodeid"):
+                    if r["outcome"] == "failed" and r["nodeid"] not in failed:
+                        failed.append(r["nodeid"])
+                    if r["nodeid"] not in done or r["outcome"] == "failed":
+                        done[r["nodeid"]] = r["outcome"]
+    except OSError:
+        pass
+    outcomes = list(done.values())
+    return {"passed": outcomes.count("passed"), "failed": failed, "skipped": outcomes.count("skipped"),
+            "running": [n for n in dict.fromkeys(started) if n not in done]}
 
 
 def is_gpu_test(item) -> bool:
@@ -375,8 +435,9 @@ def bench_verdicts(data: Optional[dict], why_missing: str = "") -> List[dict]:
                     f"{base[0]['provider']} {base[0]['ms'] * 1e3:.1f} us")
             # the bench's own threshold for this comparison, if it states one
             for t in bench_targets:
-                if isinstance(t, dict) and t.get("op") == op and t.get("dtype") == dt and "diffusers" in str(t.get("what")) \
-                        and tuple(t.get("shape", ())) == shape and t.get("target") is not None:
+                if isinstance(t, dict) and t.get("op") == op and t.get("dtype") == dt \
+                        and "diffusers" in str(t.get("what")) and tuple(t.get("shape", ())) == shape \
+                        and t.get("target") is not None:
                     threshold = float(t["target"])
                     entry["threshold"] = threshold
         if threshold is None:
@@ -400,7 +461,7 @@ class Proc:
     running: List["Proc"] = []
 
     def __init__(self, cmd: Sequence[str], log_path: str, env: dict, cwd: str = ROOT):
-        self.cmd, self.log_path = list(cmd), log_path
+        self.cmd, self.log_path, self.env, self.cwd = list(cmd), log_path, env, cwd
         self.log = open(log_path, "a")
         self.log.write(f"$ {shlex.join(self.cmd)}\n")
         self.log.flush()
@@ -639,7 +700,8 @@ class Check:
         cmd = [self.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
                "--upgrade", "--target", site] + wheels
         if why:
-            self.record("wheels", "skipped", why, command=cmd, details={"wheels": [os.path.basename(w) for w in wheels]})
+            self.record("wheels", "skipped", why, command=cmd,
+                        details={"wheels": [os.path.basename(w) for w in wheels]})
             return
         log = self.logfile("wheels.log")
         p = Proc(cmd, log, self.env)
@@ -717,7 +779,8 @@ class Check:
 
     # ---- test lanes -------------------------------------------------------------------------
     def pytest_common(self, junit: str, workers: int) -> List[str]:
-        args = ["-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        args = ["-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                "--gpucheck-progress", junit.replace(".xml", ".progress")]
         if workers > 1 and _module_available("xdist"):
             args += ["-n", str(workers)]
         if _module_available("pytest_timeout"):
@@ -729,7 +792,7 @@ class Check:
         cuda = [self.py, "-m", "pytest", *gpu_test_files(), "-p", "ddpm_fast.gpucheck",
                 "--gpucheck-select"] + self.pytest_common(os.path.join(self.work, "lane-cuda.xml"),
                                                           max(1, min(4, cores // 4)))
-        triton = [self.py, "-m", "pytest", "tests/triton", "-k", "not compile_for_sm90"] + \
+        triton = [self.py, "-m", "pytest", "tests/triton", "-k", "not compile_for_sm90", "-p", "ddpm_fast.gpucheck"] + \
             self.pytest_common(os.path.join(self.work, "lane-triton.xml"), max(1, min(8, cores // 2)))
         return {"lane-cuda": cuda, "lane-triton": triton}
 
@@ -744,11 +807,43 @@ class Check:
         ids = [ln.strip() for ln in txt.splitlines() if "::" in ln and not ln.startswith("$")]
         return {"exit": rc, "selected": len(ids), "ids": ids, "seconds": round(p.seconds, 1), "log": log}
 
+    def triton_tree(self) -> str:
+        """A copy of the working tree without any built extension, where the Triton lane runs while
+        the build writes ddpm_fast/_C*.so in the real tree (no half-written library is ever loaded;
+        the native backend is simply absent there, and tests/triton's native-parity test skips)."""
+        dest = os.path.join(self.work, "tree-triton")
+        if not os.path.isdir(dest):
+            shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+                ".git", "build", "*.so", "_native_build.json", "__pycache__", ".whl", "*.egg-info"))
+        return dest
+
+    def lane_env(self, root: str) -> dict:
+        env = dict(self.env)
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT]
+        env["PYTHONPATH"] = os.pathsep.join([root] + parts)
+        return env
+
+    def start_triton_lane(self) -> None:
+        """lane-triton needs no native build: it starts before the build, in a copy of the tree, so
+        Triton's compiles overlap the build (it ends by the lanes' common deadline)."""
+        self.triton_proc = None
+        if "lane-triton" not in self.selected or self.dry or self.skip_reason("lane-triton"):
+            return
+        try:
+            tree = self.triton_tree()
+        except OSError as e:
+            self.report["notes"].append(f"lane-triton: could not copy the tree ({e}); it runs after the build")
+            return
+        cmd = self.lane_plans()["lane-triton"]
+        self.say(f"lane-triton (in {tree}, during the build): {shlex.join(cmd)}")
+        self.triton_proc = Proc(cmd, self.logfile("lane-triton.log"), self.lane_env(tree), cwd=tree)
+
     def step_lanes(self) -> None:
         plans = self.lane_plans()
         names = [n for n in ("lane-cuda", "lane-triton") if n in self.selected]
         why = self.skip_reason(names[0]) if names else "not selected (--only/--skip)"
-        if why:
+        early = getattr(self, "triton_proc", None)
+        if why and early is None:
             details = None
             if self.dry and "lane-cuda" in names and not self.args.no_collect:
                 c = self.collect_gpu_tests()
@@ -756,49 +851,70 @@ class Check:
                 why += f"; the GPU selection collects {c['selected']} tests here (collect-only, exit {c['exit']})"
                 self.report.setdefault("dry_checks", {})["gpu_tests_selected"] = c["selected"]
             for n in ("lane-cuda", "lane-triton"):
-                r = why if n == "lane-cuda" else why.split("; the GPU selection")[0]
+                r = why if n == "lane-cuda" else why.split("; the GPU selection")[0] + \
+                    "; it would start before the build, in a copy of the tree without the extension"
                 self.record(n, "skipped", r if n in names else "not selected (--only/--skip)", command=plans[n],
                             details=details if n == "lane-cuda" else None)
             return
-        timeout = self.timeout_for("lane-cuda")
+        timeout = max(self.timeout_for("lane-cuda"), MIN_USEFUL_S)
         procs = {}
-        for n in names:
-            self.say(f"{n}: {shlex.join(plans[n])}")
-            procs[n] = Proc(plans[n], self.logfile(f"{n}.log"), self.env)
+        if "lane-triton" in names:
+            if early is not None:
+                procs["lane-triton"] = early
+            else:
+                self.say(f"lane-triton: {shlex.join(plans['lane-triton'])}")
+                procs["lane-triton"] = Proc(plans["lane-triton"], self.logfile("lane-triton.log"), self.env)
+        if "lane-cuda" in names and not why:
+            self.say(f"lane-cuda: {shlex.join(plans['lane-cuda'])}")
+            procs["lane-cuda"] = Proc(plans["lane-cuda"], self.logfile("lane-cuda.log"), self.env)
         end = _now() + timeout
         for n in ("lane-cuda", "lane-triton"):
-            if n not in names:
-                self.record(n, "skipped", "not selected (--only/--skip)", command=plans[n])
+            if n not in procs:
+                self.record(n, "skipped", why or "not selected (--only/--skip)", command=plans[n])
                 continue
             p = procs[n]
             rc = p.wait(end - _now())
-            if rc in (3, 4) and "-n" in plans[n] and end - _now() > 60:
+            if rc in (3, 4) and "-n" in p.cmd and end - _now() > 60:
                 # pytest's internal or usage error with xdist: once more in one process
-                i = plans[n].index("-n")
-                plans[n] = plans[n][:i] + plans[n][i + 2:]
+                i = p.cmd.index("-n")
+                cmd = p.cmd[:i] + p.cmd[i + 2:]
                 self.say(f"{n}: pytest exit {rc} with xdist; again without it")
-                p = Proc(plans[n], self.logfile(f"{n}.log"), self.env)
+                p = Proc(cmd, p.log_path, p.env, cwd=p.cwd)
                 rc = p.wait(end - _now())
-            j = parse_junit(os.path.join(self.work, f"{n}.xml"))
-            counts = f"{j.get('passed', 0)} passed, {j['failures'] + j['errors']} failed, {j['skipped']} skipped"
-            if p.timed_out:
-                status, reason = "failed", f"timed out after {p.seconds:.0f} s ({counts} reported so far)"
-            elif rc == 5:
-                why = next((ln.strip() for ln in p.text().splitlines() if ln.startswith("SKIP")), "")
+            self.record_lane(n, p, rc)
+
+    def record_lane(self, n: str, p: "Proc", rc: int) -> None:
+        j = parse_junit(os.path.join(self.work, f"{n}.xml"))
+        prog = read_progress(os.path.join(self.work, f"{n}.progress"))
+        j["progress"] = prog
+        counts = f"{j.get('passed', 0)} passed, {j['failures'] + j['errors']} failed, {j['skipped']} skipped"
+        if p.timed_out:
+            so_far = f"{prog['passed']} passed, {len(prog['failed'])} failed, {prog['skipped']} skipped so far"
+            running = ", ".join(x.split("::")[-1] for x in prog["running"][:3])
+            if prog["failed"]:
                 status = "failed"
-                reason = ("pytest collected no GPU tests (the selection is broken)" if n == "lane-cuda" else
-                          "pytest collected no tests in tests/triton") + (f": {why[:160]}" if why else "")
-            elif rc == 0 and j.get("passed", 0) == 0:
-                top = sorted(j["skip_reasons"].items(), key=lambda kv: -kv[1])[:2]
-                status = "failed"
-                reason = f"nothing ran on the GPU ({counts}): " + "; ".join(f"{n}x {why[:80]}" for why, n in top)
-            elif rc == 0:
-                status, reason = "passed", counts
+                reason = f"timed out after {p.seconds:.0f} s; {so_far}: " + \
+                         ", ".join(x.split("::")[-1] for x in prog["failed"][:4])
             else:
-                status = "failed"
-                reason = counts + (": " + ", ".join(x.split("::")[-1] for x in j["failed"][:4]) if j["failed"] else
-                                   f" (pytest exit {rc})")
-            self.record(n, status, reason, seconds=p.seconds, command=plans[n], log=p.log_path, details=j)
+                status = "incomplete"
+                reason = (f"timed out after {p.seconds:.0f} s with no failure yet ({so_far}); still running: "
+                          f"{running or '?'}")
+        elif rc == 5:
+            why = next((ln.strip() for ln in p.text().splitlines() if ln.startswith("SKIP")), "")
+            status = "failed"
+            reason = ("pytest collected no GPU tests (the selection is broken)" if n == "lane-cuda" else
+                      "pytest collected no tests in tests/triton") + (f": {why[:160]}" if why else "")
+        elif rc == 0 and j.get("passed", 0) == 0:
+            top = sorted(j["skip_reasons"].items(), key=lambda kv: -kv[1])[:2]
+            status = "failed"
+            reason = f"nothing ran on the GPU ({counts}): " + "; ".join(f"{k}x {w[:80]}" for w, k in top)
+        elif rc == 0:
+            status, reason = "passed", counts
+        else:
+            status = "failed"
+            reason = counts + (": " + ", ".join(x.split("::")[-1] for x in j["failed"][:4]) if j["failed"] else
+                               f" (pytest exit {rc})")
+        self.record(n, status, reason, seconds=p.seconds, command=p.cmd, log=p.log_path, details=j)
 
     # ---- bench ------------------------------------------------------------------------------
     def bench_plan(self) -> Tuple[List[str], List[str]]:
@@ -806,8 +922,8 @@ class Check:
                                      timeout=min(90, max(15, self.left())), env=self.env)
         if rc != 0:
             return [], [f"python -m ddpm_fast bench --help failed (exit {rc}): {_tail(help_text, 300)}"]
-        wanted = [("--device", ["cuda"]), ("--ops", ["q_sample", "ddpm_step"]), ("--shapes", [LARGE_SHAPE, SMALL_SHAPE]),
-                  ("--dtype", ["fp32", "bf16"]), ("--no-compile", []),
+        wanted = [("--device", ["cuda"]), ("--ops", ["q_sample", "ddpm_step"]),
+                  ("--shapes", [LARGE_SHAPE, SMALL_SHAPE]), ("--dtype", ["fp32", "bf16"]), ("--no-compile", []),
                   ("--json", [os.path.join(self.out, "bench.json")]), ("--plot", [os.path.join(self.out, "bench.png")])]
         argv, notes = negotiate_bench_args(wanted, help_text)
         return [self.py, "-m", "ddpm_fast", "bench"] + argv, notes
@@ -1005,6 +1121,7 @@ class Check:
         if self.dry:
             self.say("dry mode: every step plans its command and skips with its reason")
         self.step_wheels()
+        self.start_triton_lane()
         self.step_build()
         self.step_lanes()
         self.step_bench()
@@ -1041,8 +1158,12 @@ class Check:
             code, verdict = EXIT_OK, "DRY RUN OK (plumbing only: nothing was measured)"
         else:
             unchecked = [s["name"] for s in self.steps if s["kind"] == "correctness" and s["status"] != "passed"]
+            unfinished = [s["name"] for s in self.steps if s["status"] == "incomplete"]
             code = EXIT_OK
-            verdict = "PASS" + (f" (not checked: {', '.join(unchecked)})" if unchecked else "")
+            if unfinished:
+                verdict = f"INCOMPLETE (no failure found, but not finished: {', '.join(unfinished)})"
+            else:
+                verdict = "PASS" + (f" (not checked: {', '.join(unchecked)})" if unchecked else "")
         self.report.update(steps=self.steps, verdict=verdict, exit_code=code,
                            elapsed_s=round(_now() - self.t0, 1))
         summary = self.summary()
@@ -1171,7 +1292,8 @@ def _subset_parity(kind: str) -> int:
                 check(f"{b} q_sample {dt}", *both(F.q_sample, x0, t, S, seed=T(1, 2, 3), offset=4), tol)
                 mo2 = torch.cat([mo, (torch.rand(shape, generator=g) * 2 - 1).to(dt).to(dev)], 1)
                 check(f"{b} ddpm_step learned_range {dt}",
-                      *both(F.ddpm_step, mo2, t, xt, S, variance_type="learned_range", seed=7, offset=1, return_x0=True),
+                      *both(F.ddpm_step, mo2, t, xt, S, variance_type="learned_range", seed=7, offset=1,
+                            return_x0=True),
                       tol)
                 check(f"{b} ddpm_step guidance {dt}",
                       *both(F.ddpm_step, torch.cat([mo, xt], 0), t, xt, S, guidance_scale=3.0, seed=2, offset=9), tol)

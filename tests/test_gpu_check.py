@@ -115,7 +115,41 @@ def test_junit_counts(tmp_path):
     assert "error" in G.parse_junit(str(tmp_path / "missing.xml"))
 
 
-SANITIZER_CLEAN = "========= COMPUTE-SANITIZER\nSUBSET PASSED 24 checks on native, triton\n========= ERROR SUMMARY: 0 errors\n"
+def test_progress_file_says_what_ran_and_what_was_running(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"start": "t::a"}, {"nodeid": "t::a", "when": "call", "outcome": "passed"},
+        {"start": "t::b"}, {"start": "t::b"}, {"nodeid": "t::b", "when": "call", "outcome": "failed"},
+        {"nodeid": "t::b", "when": "call", "outcome": "failed"},   # xdist: worker and controller both write
+        {"start": "t::c"}, {"nodeid": "t::c", "when": "setup", "outcome": "skipped"},
+        {"start": "t::d"}, "not json"]) + "\n")
+    assert G.read_progress(str(f)) == {"passed": 1, "failed": ["t::b"], "skipped": 1, "running": ["t::d"]}
+    assert G.read_progress(str(tmp_path / "none")) == {"passed": 0, "failed": [], "skipped": 0, "running": []}
+
+
+def test_a_lane_past_its_deadline_is_killed_and_reported_incomplete_or_failed(tmp_path):
+    """The orchestration without pytest: a step's process group is killed at its deadline, and the
+    lane is 'incomplete' (no failure seen, the running test named) or 'failed' (a failure seen)."""
+    args = G.build_parser().parse_args(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    args.argv = []
+    check = G.Check(args)
+    progress = tmp_path / "work" / "lane-triton.progress"
+    progress.write_text(json.dumps({"start": "tests/x.py::test_slow"}) + "\n")
+    p = G.Proc(["bash", "-c", "sleep 60 & sleep 60"], check.logfile("lane-triton.log"), dict(os.environ))
+    rc = p.wait(0.5)
+    assert rc == 124 and p.timed_out and p.p.poll() is not None
+    check.record_lane("lane-triton", p, rc)
+    step = check.steps[-1]
+    assert step["status"] == "incomplete" and "test_slow" in step["reason"], step
+    with open(progress, "a") as f:
+        f.write(json.dumps({"nodeid": "tests/x.py::test_bad", "when": "call", "outcome": "failed"}) + "\n")
+    check.record_lane("lane-triton", p, rc)
+    assert check.steps[-1]["status"] == "failed" and "test_bad" in check.steps[-1]["reason"]
+    assert (tmp_path / "out" / "logs.tar.gz").exists()
+
+
+SANITIZER_CLEAN = ("========= COMPUTE-SANITIZER\nSUBSET PASSED 24 checks on native, triton\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
 SANITIZER_OOB = ("========= COMPUTE-SANITIZER\n========= Invalid __global__ read of size 8 bytes\n"
                  "=========     at q_sample_kernel(QSampleArgs)+0x1c0\n"
                  "SUBSET PASSED 24 checks on native\n========= ERROR SUMMARY: 3 errors\n")
@@ -180,7 +214,8 @@ def _row(op, shape, dtype, provider, ms, kind="library", pct=None, gbps=None):
 def test_bench_verdicts_read_the_rows():
     large = (64, 4, 256, 256)
     data = {"copy": {"gbps": 4300.0}, "results": [
-        _row("q_sample", large, "fp32", "native", 0.05, pct=90.0), _row("q_sample", large, "fp32", "triton", 0.06, pct=80.0),
+        _row("q_sample", large, "fp32", "native", 0.05, pct=90.0),
+        _row("q_sample", large, "fp32", "triton", 0.06, pct=80.0),
         _row("ddpm_step", large, "fp32", "triton", 0.09, pct=70.0),
         _row("q_sample", large, "bf16", "native", 0.03, pct=60.0),
         _row("ddpm_step", (4, 4, 64, 64), "fp32", "native", 0.01),
@@ -225,6 +260,17 @@ CLIPS = {"none": dict(clip_sample=False), "clip": dict(clip_sample=True, clip_sa
          "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)}
 OPS = ("gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss", "vlb_loss",
        "hybrid_loss")
+
+
+def variants(backend, *axes):
+    """The cross product of the option axes for compiled-once kernels (native); for Triton, which
+    compiles (and autotunes) one kernel per constexpr combination at first use, a covering set: every
+    value of every axis at least once (tests/triton has the full product)."""
+    import itertools
+    if backend != "triton":
+        return list(itertools.product(*axes))
+    n = max(len(a) for a in axes)
+    return list(dict.fromkeys(tuple(a[(i + k) % len(a)] for k, a in enumerate(axes)) for i in range(n)))
 
 
 def _lane_backends():
@@ -305,14 +351,12 @@ def test_every_op_matches_reference_on_the_device(backend, op, dtype):
             grads.append(x.grad)
         close(*grads, dtype, "q_sample grad")
     elif op == "ddpm_step":
-        for pred in PREDICTIONS:
-            for var in VARIANCES:
-                for clip, ckw in CLIPS.items():
-                    mo, xt = step_inputs((3, 2, 5, 7), var, dtype)
-                    a, b = both(F.ddpm_step, backend, mo, t, xt, SCHED, prediction_type=pred, variance_type=var,
-                                seed=T(3, 4, 5), offset=1, return_x0=True, **ckw)
-                    close(a[0], b[0], dtype, f"ddpm {pred} {var} {clip}")
-                    close(a[1], b[1], dtype, f"ddpm x0 {pred} {var} {clip}")
+        for pred, var, clip in variants(backend, PREDICTIONS, VARIANCES, tuple(CLIPS)):
+            mo, xt = step_inputs((3, 2, 5, 7), var, dtype)
+            a, b = both(F.ddpm_step, backend, mo, t, xt, SCHED, prediction_type=pred, variance_type=var,
+                        seed=T(3, 4, 5), offset=1, return_x0=True, **CLIPS[clip])
+            close(a[0], b[0], dtype, f"ddpm {pred} {var} {clip}")
+            close(a[1], b[1], dtype, f"ddpm x0 {pred} {var} {clip}")
         for var in ("fixed_small", "learned_range"):   # guidance, respaced, explicit noise
             mo, xt = step_inputs((2, 3, 4, 5), var, dtype, guidance=True)
             sched = COSINE.respace(F.space_timesteps(1000, "50"))
@@ -333,41 +377,36 @@ def test_every_op_matches_reference_on_the_device(backend, op, dtype):
         F.ddpm_step(mo[:, :2], T(600, 1), out, SCHED, seed=2, out=out, backend=backend)
         close(out, F.ddpm_step(mo[:, :2], T(600, 1), xt, SCHED, seed=2, backend="reference"), dtype, "ddpm out=x_t")
     elif op == "ddim_step":
-        for pred in PREDICTIONS:
-            for eta in (0.0, 0.7):
-                for use_clipped in (False, True):
-                    for clip, ckw in CLIPS.items():
-                        mo, xt = step_inputs((3, 2, 5, 7), "fixed_small", dtype)
-                        a, b = both(F.ddim_step, backend, mo, t, xt, SCHED, prev_t=T(979, -1, 400), eta=eta,
-                                    prediction_type=pred, use_clipped_model_output=use_clipped, seed=T(1, 2, 3),
-                                    offset=2, return_x0=True, final_alpha_cumprod=float(SCHED.alphas_cumprod[0]),
-                                    **ckw)
-                        close(a[0], b[0], dtype, f"ddim {pred} {eta} {use_clipped} {clip}")
-                        close(a[1], b[1], dtype, f"ddim x0 {pred} {eta} {use_clipped} {clip}")
+        for pred, eta, use_clipped, clip in variants(backend, PREDICTIONS, (0.0, 0.7), (False, True), tuple(CLIPS)):
+            mo, xt = step_inputs((3, 2, 5, 7), "fixed_small", dtype)
+            a, b = both(F.ddim_step, backend, mo, t, xt, SCHED, prev_t=T(979, -1, 400), eta=eta,
+                        prediction_type=pred, use_clipped_model_output=use_clipped, seed=T(1, 2, 3), offset=2,
+                        return_x0=True, final_alpha_cumprod=float(SCHED.alphas_cumprod[0]), **CLIPS[clip])
+            close(a[0], b[0], dtype, f"ddim {pred} {eta} {use_clipped} {clip}")
+            close(a[1], b[1], dtype, f"ddim x0 {pred} {eta} {use_clipped} {clip}")
         mo, xt = step_inputs((2, 3, 4, 4), "fixed_small", dtype, guidance=True)
         close(*both(F.ddim_step, backend, mo, T(500, 20), xt, SCHED, prev_t=T(480, 0), eta=0.5, seed=4,
                     guidance_scale=3.0), dtype, "ddim guidance")
     elif op == "ddim_reverse_step":
-        for pred in PREDICTIONS:
-            for use_clipped in (False, True):
-                mo, xt = step_inputs((3, 2, 5, 7), "fixed_small", dtype)
-                a, b = both(F.ddim_reverse_step, backend, mo, T(10, 0, 400), xt, SCHED, next_t=T(30, 20, 999),
-                            prediction_type=pred, use_clipped_model_output=use_clipped, return_x0=True)
-                close(a[0], b[0], dtype, f"reverse {pred} {use_clipped}")
-                close(a[1], b[1], dtype, f"reverse x0 {pred} {use_clipped}")
+        for pred, use_clipped in variants(backend, PREDICTIONS, (False, True)):
+            mo, xt = step_inputs((3, 2, 5, 7), "fixed_small", dtype)
+            a, b = both(F.ddim_reverse_step, backend, mo, T(10, 0, 400), xt, SCHED, next_t=T(30, 20, 999),
+                        prediction_type=pred, use_clipped_model_output=use_clipped, return_x0=True)
+            close(a[0], b[0], dtype, f"reverse {pred} {use_clipped}")
+            close(a[1], b[1], dtype, f"reverse x0 {pred} {use_clipped}")
     elif op == "diffusion_loss":
         x0 = rnd(4, 3, 5, 7, dtype=dtype, seed=3)
         tt = T(0, 10, 500, 999)
         w = torch.tensor([0.3, -1.0, 2.0, 0.5], device=DEV)
-        for target in PREDICTIONS:
-            for gamma in (None, 5.0):
-                ms = [rnd(4, 3, 5, 7, dtype=dtype, seed=4).requires_grad_() for _ in range(2)]
-                losses = [F.diffusion_loss(m, x0, tt, SCHED, target=target, snr_gamma=gamma, seed=T(1, 2, 3, 4),
-                                           offset=6, reduction="none", backend=b) for m, b in zip(ms, (backend, "reference"))]
-                close(losses[0], losses[1], torch.float32, f"loss {target} {gamma}")
-                for lo in losses:
-                    (lo * w).sum().backward()
-                close(ms[0].grad, ms[1].grad, dtype, f"loss grad {target} {gamma}")
+        for target, gamma in variants(backend, PREDICTIONS, (None, 5.0)):
+            ms = [rnd(4, 3, 5, 7, dtype=dtype, seed=4).requires_grad_() for _ in range(2)]
+            losses = [F.diffusion_loss(m, x0, tt, SCHED, target=target, snr_gamma=gamma, seed=T(1, 2, 3, 4),
+                                       offset=6, reduction="none", backend=b)
+                      for m, b in zip(ms, (backend, "reference"))]
+            close(losses[0], losses[1], torch.float32, f"loss {target} {gamma}")
+            for lo in losses:
+                (lo * w).sum().backward()
+            close(ms[0].grad, ms[1].grad, dtype, f"loss grad {target} {gamma}")
         long_x0 = rnd(2, 2, 70001, dtype=dtype, seed=5)   # rows reduced in several blocks
         long_mo = rnd(2, 2, 70001, dtype=dtype, seed=6)
         close(*both(F.diffusion_loss, backend, long_mo, long_x0, T(3, 900), SCHED, seed=1, reduction="none"),
@@ -379,24 +418,23 @@ def test_every_op_matches_reference_on_the_device(backend, op, dtype):
         x0 = (torch.rand(4, 2, 4, 5, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(dtype).to(DEV)
         tt = T(0, 1, 300, 999)
         xt = F.q_sample(x0, tt, SCHED, seed=5, backend="reference")
-        for pred in PREDICTIONS:
-            for var in VARIANCES:
-                mo, _ = step_inputs((4, 2, 4, 5), var, dtype)
-                mo = (mo.float() * 0.3).to(dtype)
-                kw = dict(prediction_type=pred, variance_type=var, reduction="none")
-                ms = [mo.clone().requires_grad_() for _ in range(2)]
-                got, want = [F.vlb_loss(m, x0, xt, tt, SCHED, backend=b, **kw) for m, b in zip(ms, (backend, "reference"))]
-                want64 = F.vlb_loss(mo.double(), x0.double(), xt.double(), tt, SCHED, backend="reference", **kw)
-                ref_err = (want.detach().double() - want64).abs()
-                err = (got.detach().double() - want64).abs()
-                assert bool((err <= ref_err + 1e-5 * want64.abs().clamp(min=1.0)).all()), \
-                    (f"vlb {pred} {var}", got, want, want64)
-                got.sum().backward()
-                want.sum().backward()
-                g, r = ms[0].grad.double(), ms[1].grad.double()
-                rtol = TOL[dtype][0]
-                assert bool(((g - r).abs() <= 1e-5 * max(1.0, float(r.abs().max())) + rtol * r.abs()).all()), \
-                    f"vlb grad {pred} {var}: worst {float((g - r).abs().max()):.3g}"
+        for pred, var in variants(backend, PREDICTIONS, VARIANCES):
+            mo, _ = step_inputs((4, 2, 4, 5), var, dtype)
+            mo = (mo.float() * 0.3).to(dtype)
+            kw = dict(prediction_type=pred, variance_type=var, reduction="none")
+            ms = [mo.clone().requires_grad_() for _ in range(2)]
+            got, want = [F.vlb_loss(m, x0, xt, tt, SCHED, backend=b, **kw) for m, b in zip(ms, (backend, "reference"))]
+            want64 = F.vlb_loss(mo.double(), x0.double(), xt.double(), tt, SCHED, backend="reference", **kw)
+            ref_err = (want.detach().double() - want64).abs()
+            err = (got.detach().double() - want64).abs()
+            assert bool((err <= ref_err + 1e-5 * want64.abs().clamp(min=1.0)).all()), \
+                (f"vlb {pred} {var}", got, want, want64)
+            got.sum().backward()
+            want.sum().backward()
+            g, r = ms[0].grad.double(), ms[1].grad.double()
+            rtol = TOL[dtype][0]
+            assert bool(((g - r).abs() <= 1e-5 * max(1.0, float(r.abs().max())) + rtol * r.abs()).all()), \
+                f"vlb grad {pred} {var}: worst {float((g - r).abs().max()):.3g}"
     elif op == "hybrid_loss":
         x0 = (torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dtype).to(DEV)
         res = []
@@ -566,7 +604,8 @@ def test_lane_native_opcheck_on_the_device():
     cases = [
         (ops.gaussian_noise, ([2, 3], seed, off, torch.float32)),
         (ops.q_sample, (rnd(2, 3, 4, seed=3).requires_grad_(), t, abar, None, seed, off)),
-        (ops.ddpm_step, (mo, t, pt, x.clone().requires_grad_(), abar, None, seed, off, "epsilon", "fixed_small") + clip),
+        (ops.ddpm_step, (mo, t, pt, x.clone().requires_grad_(), abar, None, seed, off, "epsilon", "fixed_small")
+         + clip),
         (ops.ddpm_step, (mo2, t, pt, x, abar, None, seed, off, "v_prediction", "learned_range") + clip),
         (ops.ddim_step, (mo, t, pt, x, abar, None, seed, off, 0.5, "epsilon", False, 1.0) + clip),
         (ops.diffusion_loss, (mo, x, t, abar, None, seed, off, "v_prediction", 5.0)),
