@@ -505,20 +505,22 @@ def test_lane_no_host_sync_per_step(backend):
     seed = torch.tensor(7, dtype=torch.int64, device=DEV)
     off = torch.zeros((), dtype=torch.int64, device=DEV)
     x = x0.clone()
-    SCHED.table(DEV)
-    F.q_sample(x0, t, SCHED, seed=seed, offset=off, backend=backend)   # warm-up (Triton compiles, caches)
-    F.ddpm_step(mo.detach(), t, x, SCHED, prev_t=prev, seed=seed, offset=off, out=x, backend=backend)
+
+    def one_step():
+        x_t = F.q_sample(x0, t, SCHED, seed=seed, offset=off, backend=backend)
+        loss = F.diffusion_loss(mo, x0, t, SCHED, seed=seed, offset=off, backend=backend)
+        loss.backward()
+        F.ddpm_step(mo.detach(), t, x, SCHED, prev_t=prev, seed=seed, offset=off, out=x, backend=backend)
+        F.ddim_step(mo.detach(), t, x_t, SCHED, prev_t=prev, eta=0.5, seed=seed, offset=off, backend=backend)
+        F.ddpm_step(mo.detach(), 500, x, SCHED, seed=seed, offset=off, backend=backend)   # a host int t
+        off.add_(1)
+
+    one_step()   # warm-up: module loads, Triton's compiles and autotuning (which syncs), the table copy
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            x_t = F.q_sample(x0, t, SCHED, seed=seed, offset=off, backend=backend)
-            loss = F.diffusion_loss(mo, x0, t, SCHED, seed=seed, offset=off, backend=backend)
-            loss.backward()
-            F.ddpm_step(mo.detach(), t, x, SCHED, prev_t=prev, seed=seed, offset=off, out=x, backend=backend)
-            F.ddim_step(mo.detach(), t, x_t, SCHED, prev_t=prev, eta=0.5, seed=seed, offset=off, backend=backend)
-            F.ddpm_step(mo.detach(), 500, x, SCHED, seed=seed, offset=off, backend=backend)   # a host int t
-            off.add_(1)
+            one_step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
