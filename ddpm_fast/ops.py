@@ -310,7 +310,7 @@ def _check_int64_range(name: str, x: torch.Tensor) -> None:
     same on every backend."""
     if x.numel() == 0 or (x.device.type != "cpu" and not _debug_checks):
         return
-    lo = int(x.min())
+    lo = x.item() if x.numel() == 1 else int(x.min())   # item(): the per-step 0-d offset, cheaply
     if lo < 0:
         raise ValueError(f"{name} must lie in [0, 2**63), got a tensor holding {lo}")
 
@@ -403,8 +403,8 @@ def _sample_shape_checks(model_output, x_t, *, channels_factor: int, guidance: b
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a and b are the same elements of the same memory (a full alias: an in-place update)."""
-    return a is b or (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-                      and a.data_ptr() == b.data_ptr())
+    return a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                      and a.stride() == b.stride() and a.device == b.device)
 
 
 def _element_offsets(x: torch.Tensor) -> torch.Tensor:
@@ -418,7 +418,7 @@ def _element_offsets(x: torch.Tensor) -> torch.Tensor:
 def _has_internal_overlap(x: torch.Tensor) -> bool:
     """Whether two elements of x share memory (an expanded, stride-0 view or an overlapping
     as_strided one). Exact: a cheap stride test decides the usual layouts, offsets the rest."""
-    if x.numel() <= 1:
+    if x.numel() <= 1 or x.is_contiguous():
         return False
     extent = 0  # the largest offset reachable by the dimensions of smaller stride
     for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
@@ -481,8 +481,10 @@ def _check_out(out, x_t, **inputs):
                          "or call under torch.no_grad()")
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError("out is an inference tensor, which can be written only under torch.inference_mode()")
-    for name, x in dict(x_t=x_t, **inputs).items():
-        if x is not None and not _same_view(out, x) and _shares_memory(out, x):
+    for name, x in (("x_t", x_t), *inputs.items()):
+        if x is None or x is out or not torch._C._overlaps(out, x):   # the usual cases: one C call
+            continue
+        if not _same_view(out, x) and _shares_memory(out, x):
             raise ValueError(f"out shares part of its memory with {name} (a shifted or sliced view of the same "
                              f"storage), which would make the step read values it already wrote: give out={name} "
                              "itself for an in-place update, or a tensor of its own")

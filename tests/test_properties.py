@@ -91,21 +91,27 @@ def close(op, got, want, dtype):
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True)
 
 
+class _Report:
+    """Prints WORST in pytest's terminal summary (registered as a plugin by the fixture below)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not WORST:
+            return
+        terminalreporter.write_line("native vs reference (property tests): cases, worst |diff|, worst in tolerance "
+                                    "units, per op and dtype")
+        for (op, dt), (n, a, u) in sorted(WORST.items()):
+            terminalreporter.write_line(f"  {op:24s} {dt:9s} {n:5d} cases  abs {a:.3g}  units {u:.3g}")
+        path = os.environ.get("DDPM_FAST_PROPERTY_REPORT")
+        if path:
+            with open(path, "w") as f:
+                json.dump({f"{op} {dt}": v for (op, dt), v in WORST.items()}, f, indent=1)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
+    if not request.config.pluginmanager.has_plugin("ddpm_fast_property_report"):
+        request.config.pluginmanager.register(_Report(), "ddpm_fast_property_report")
     yield
-    if not WORST:
-        return
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    lines = ["", "native vs reference (property tests): cases, worst |diff|, worst in tolerance units, per op and dtype"]
-    for (op, dt), (n, a, u) in sorted(WORST.items()):
-        lines.append(f"  {op:24s} {dt:9s} {n:5d} cases  abs {a:.3g}  units {u:.3g}")
-    path = os.environ.get("DDPM_FAST_PROPERTY_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump({f"{op} {dt}": v for (op, dt), v in WORST.items()}, f, indent=1)
-    for line in lines:
-        (tr.write_line(line) if tr is not None else print(line))
 
 
 # --------------------------------------------------------------------------------------------

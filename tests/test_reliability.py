@@ -360,6 +360,11 @@ def test_zero_size_inputs_give_empty_results(backend, shape):
             # a sample with no elements has a NaN mean, as torch's mean of nothing
             assert torch.isnan(loss).all()
     assert ddpm_fast.gaussian_noise(shape, 3, backend=backend).shape == shape
+    # per-row seeds of an empty batch, and an empty noise tensor
+    for noise in (dict(seed=torch.zeros((B,), dtype=torch.int64)), dict(noise=torch.randn(shape))):
+        assert ddpm_fast.q_sample(x, 5, SCHED, backend=backend, **noise).shape == shape
+        assert ddpm_fast.diffusion_loss(mo, x, 5, SCHED, reduction="none", backend=backend, **noise).shape == (B,)
+        assert ddpm_fast.ddpm_step(mo, 5, x, SCHED, backend=backend, **noise).shape == shape
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -201,7 +201,9 @@ inline LossArgs loss_args(const at::Tensor& model_output, const at::Tensor& x0, 
   a.T = held.abar.numel();
   a.fp64_math = model_output.scalar_type() == at::kDouble || x0.scalar_type() == at::kDouble;
   a.noise = noise_args(noise, seed, offset, x0, held);
-  TORCH_CHECK(a.target == Prediction::kSample || a.noise.noise != nullptr || a.noise.seed != nullptr,
+  // (an empty tensor's data pointer may be null: an empty problem needs no noise)
+  TORCH_CHECK(a.target == Prediction::kSample || a.noise.noise != nullptr || a.noise.seed != nullptr ||
+                  x0.numel() == 0,
               "diffusion_loss with target='", target, "' needs noise or seed");
   return a;
 }
@@ -245,7 +247,7 @@ inline QSampleArgs q_sample_args(const at::Tensor& x0, const at::Tensor& t, cons
   a.T = held.abar.numel();
   a.fp64_math = x0.scalar_type() == at::kDouble;
   a.noise = noise_args(noise, seed, offset, x0, held);
-  TORCH_CHECK(a.noise.noise != nullptr || a.noise.seed != nullptr, "q_sample needs noise or seed");
+  TORCH_CHECK(a.noise.noise != nullptr || a.noise.seed != nullptr || x0.numel() == 0, "q_sample needs noise or seed");
   return a;
 }
 

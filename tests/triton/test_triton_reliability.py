@@ -60,12 +60,22 @@ def assert_close(op, got, want, dtype):
     assert bool((diff <= tol).all()), f"{op} {dtype}: worst |diff| {float(diff.max()):.3g}"
 
 
-def teardown_module(module):
-    if WORST:
-        print("\nTriton vs reference (property tests): cases, worst |diff|, worst in tolerance units (device %s):"
-              % DEVICE)
-        for (op, dt), (n, a, u) in sorted(WORST.items()):
-            print(f"  {op:24s} {dt:9s} {n:4d} cases  abs {a:.3g}  units {u:.3g}")
+class _Report:
+    """Prints WORST in pytest's terminal summary (registered as a plugin by the fixture below)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if WORST:
+            terminalreporter.write_line("Triton vs reference (property tests): cases, worst |diff|, worst in tolerance "
+                                        f"units (device {DEVICE})")
+            for (op, dt), (n, a, u) in sorted(WORST.items()):
+                terminalreporter.write_line(f"  {op:24s} {dt:9s} {n:4d} cases  abs {a:.3g}  units {u:.3g}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request):
+    if not request.config.pluginmanager.has_plugin("ddpm_fast_triton_property_report"):
+        request.config.pluginmanager.register(_Report(), "ddpm_fast_triton_property_report")
+    yield
 
 
 def ops():
