@@ -446,13 +446,18 @@ static inline bool step_row_ok(const StepArgs& a, int64_t row) {
   return step_row_in_table(a.abar, a.T, a.t[row], a.prev_t[row], past_end);
 }
 
-// Whether some row of the flat range [begin, end) is such a row (checked once per call).
+// Whether some row of the flat range [begin, end) is such a row (checked once per call, on the
+// integers alone: a vectorised pass; a negative prev_t is outside only where past_end is NaN).
 static inline bool any_row_outside_table(const StepArgs& a, int64_t begin, int64_t end) {
   if (end <= begin) return false;
+  const double past_end = a.kind == StepKind::kDdpm ? 1.0 : a.final_alpha_cumprod;
+  const bool negative_prev_inside = past_end == past_end;
+  bool outside = false;
   for (int64_t row = begin / a.N; row <= (end - 1) / a.N; ++row) {
-    if (!step_row_ok(a, row)) return true;
+    const int64_t t = a.t[row], prev = a.prev_t[row];
+    outside |= (t < 0) | (t >= a.T) | (prev >= a.T) | ((prev < 0) & !negative_prev_inside);
   }
-  return false;
+  return outside;
 }
 
 template <typename R>
