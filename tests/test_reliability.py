@@ -571,3 +571,22 @@ def test_diffusion_loss_gradient_in_x0(backend, target, mo_dtype):
         torch.testing.assert_close(grads[backend][1], grads["reference"][1], rtol=1e-5, atol=1e-6)
     rtol = 1e-5 if mo_dtype == torch.float32 else 2.0 ** -7
     torch.testing.assert_close(grads[backend][0].double(), grads["reference"][0].double(), rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vlb_and_hybrid_gradients_in_x0_and_x_t(backend):
+    grads = {}
+    for b in (backend, "reference"):
+        g = torch.Generator().manual_seed(3)
+        x0 = (torch.rand(3, 2, 5, generator=g) * 2 - 1).requires_grad_(True)
+        x_t = torch.randn(3, 2, 5, generator=g).requires_grad_(True)
+        mo = torch.cat([torch.randn(3, 2, 5, generator=g), torch.rand(3, 2, 5, generator=g) * 2 - 1], 1)
+        mo.requires_grad_(True)
+        t = torch.tensor([0, 300, 999])
+        vlb = ddpm_fast.vlb_loss(mo, x0, x_t, t, SCHED, reduction="none", backend=b)
+        hyb = ddpm_fast.hybrid_loss(mo, x0, t, SCHED, seed=2, prediction_type="sample", reduction="none", backend=b)
+        ((vlb + hyb) * torch.tensor([1.0, -0.5, 2.0])).sum().backward()
+        grads[b] = (mo.grad, x0.grad, x_t.grad)
+    for got, want in zip(grads[backend], grads["reference"]):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

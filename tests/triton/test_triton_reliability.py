@@ -235,6 +235,20 @@ def test_diffusion_loss_gradient_in_x0(target):
     assert_close("diffusion_loss grad mo", grads["triton"][0], grads["reference"][0], torch.bfloat16)
 
 
+def test_vlb_gradient_in_x0_and_x_t():
+    grads = {}
+    for b in ("triton", "reference"):
+        x0 = gen(3, 2, 5).clamp(-1, 1).requires_grad_(True)
+        x_t = gen(3, 2, 5, seed=1).requires_grad_(True)
+        mo = torch.cat([gen(3, 2, 5, seed=2), gen(3, 2, 5, seed=3).clamp(-1, 1)], 1).requires_grad_(True)
+        vlb = F.vlb_loss(mo, x0, x_t, T(0, 300, 999), SCHED, reduction="none", backend=b)
+        (vlb * torch.tensor([1.0, -0.5, 2.0], device=DEVICE)).sum().backward()
+        grads[b] = (mo.grad, x0.grad, x_t.grad)
+    for name, got, want in zip(("mo", "x0", "x_t"), grads["triton"], grads["reference"]):
+        assert got is not None and want is not None, name
+        assert_close(f"vlb_loss grad {name}", got, want, torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # property-based parity (small)
 # --------------------------------------------------------------------------------------------
