@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "ddpm_fast/common.h"
 #include "ddpm_fast/cpu_kernels.h"
@@ -85,6 +87,21 @@ static inline void fill(R* dst, int64_t n, R value) {
   for (int64_t j = 0; j < n; ++j) dst[j] = value;
 }
 
+// fill() of one row run into an array of kChunk + kFillPad elements. A short run (a row of the
+// 2-D toy holds 2 elements) is one fixed-size store of kFillPad values: what lands past the run is
+// overwritten by the next run, or lies past the chunk. (A vectorised fill loop spent ~20 cycles on
+// its prologue and tail per 2-element run.)
+constexpr int64_t kFillPad = 8;
+
+template <typename R>
+static inline void fill_run(R* dst, int64_t n, R value) {
+  if (n <= kFillPad) {
+    for (int64_t j = 0; j < kFillPad; ++j) dst[j] = value;
+  } else {
+    fill(dst, n, value);
+  }
+}
+
 // Calls fn(row, position in chunk, index within the row, length) for each row run of the flat
 // range [i, i + n).
 template <typename Fn>
@@ -102,12 +119,68 @@ static inline void for_each_run(int64_t i, int64_t n, int64_t N, Fn&& fn) {
 }
 
 // ---- §3 normals, vectorised ------------------------------------------------------------------
+#if defined(DDPM_CPU_PHILOX_AVX2)
+// Philox4x32-10 of the 8 blocks q_lo + k .. q_lo + k + 7 (high counter word q_hi) in two vectors of
+// four 64-bit lanes, interleaved so that the two dependency chains overlap. vpmuludq multiplies the
+// low 32 bits of each lane into a 64-bit product, so the 32-bit words need no masking: bits above
+// 32 in c1/c3 only reach the high halves of c0/c2, which the next multiply ignores, and the words
+// are narrowed on the way out. (GCC's auto-vectoriser spelled the 64-bit multiply by a constant as
+// shifts and adds: 2.2x slower.)
+// The low 32-bit words of the four 64-bit lanes of a (blocks 0-3) and b (blocks 4-7), in block order.
+static inline void store_low_words(uint32_t* dst, __m256i a, __m256i b) {
+  const __m256i packed = _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+static inline void philox8_avx2(const __m256i* key0, const __m256i* key1, uint32_t q_lo, uint32_t q_hi,
+                                const NoiseKey& key, uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i lanes = _mm256_set_epi64x(3, 2, 1, 0);
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int v = 0; v < 2; ++v) {
+    c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(q_lo) + 4 * v), lanes);
+    c1[v] = _mm256_set1_epi64x(q_hi);
+    c2[v] = _mm256_set1_epi64x(key.off_lo);
+    c3[v] = _mm256_set1_epi64x(key.off_hi);
+  }
+  DDPM_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    for (int v = 0; v < 2; ++v) {
+      const __m256i x1 = _mm256_xor_si256(c1[v], key0[round]);
+      const __m256i x3 = _mm256_xor_si256(c3[v], key1[round]);
+      const __m256i p0 = _mm256_mul_epu32(c0[v], m0);
+      const __m256i p1 = _mm256_mul_epu32(c2[v], m1);
+      c0[v] = _mm256_xor_si256(_mm256_srli_epi64(p1, 32), x1);
+      c2[v] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3);
+      c1[v] = p1;
+      c3[v] = p0;
+    }
+  }
+  store_low_words(w0, c0[0], c0[1]);
+  store_low_words(w1, c1[0], c1[1]);
+  store_low_words(w2, c2[0], c2[1]);
+  store_low_words(w3, c3[0], c3[1]);
+}
+#endif
+
 // The four normals of blocks q0 .. q0 + nb - 1 into out[0 .. 4 nb).
 static void normal_blocks(float* out, const NoiseKey& key, uint64_t q0, int64_t nb) {
-  uint32_t w0[kMaxBlocks], w1[kMaxBlocks], w2[kMaxBlocks], w3[kMaxBlocks];
+  constexpr int64_t kWords = (kMaxBlocks + 7) / 8 * 8;  // whole groups of 8 blocks
+  uint32_t w0[kWords], w1[kWords], w2[kWords], w3[kWords];
   const uint32_t q_lo = static_cast<uint32_t>(q0);
   const uint32_t q_hi = static_cast<uint32_t>(q0 >> 32);
-  if (static_cast<uint64_t>(q_lo) + static_cast<uint64_t>(nb) <= 0x100000000ull) {
+  if (static_cast<uint64_t>(q_lo) + static_cast<uint64_t>((nb + 7) / 8 * 8) <= 0x100000000ull) {
+#if defined(DDPM_CPU_PHILOX_AVX2)
+    __m256i key0[10], key1[10];
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int round = 0; round < 10; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+      key0[round] = _mm256_set1_epi64x(k0);
+      key1[round] = _mm256_set1_epi64x(k1);
+    }
+    for (int64_t k = 0; k < nb; k += 8) {  // up to 7 blocks past nb are computed and not used
+      philox8_avx2(key0, key1, q_lo + static_cast<uint32_t>(k), q_hi, key, w0 + k, w1 + k, w2 + k, w3 + k);
+    }
+#else
     // Philox over nb counters that share their high word: SIMD lanes = blocks. The 32-bit words
     // live in 64-bit lanes so that the 32x32->64 multiplies map onto vpmuludq without the
     // widening and narrowing shuffles a uint32 formulation costs (measured 1.75x faster).
@@ -133,6 +206,7 @@ static void normal_blocks(float* out, const NoiseKey& key, uint64_t q0, int64_t 
       w2[k] = static_cast<uint32_t>(c2);
       w3[k] = static_cast<uint32_t>(c3);
     }
+#endif
   } else {  // the counter's low word wraps inside this chunk (once per 2^34 elements)
     for (int64_t k = 0; k < nb; ++k) {
       const uint64_t q = q0 + static_cast<uint64_t>(k);
@@ -186,7 +260,8 @@ static void chunk_noise(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R*
     load_chunk(z, na.noise, na.noise_dtype, i, n);
     return;
   }
-  float zf[kChunk];
+  float zbuf[std::is_same<R, float>::value ? 1 : kChunk];
+  float* zf = std::is_same<R, float>::value ? reinterpret_cast<float*>(z) : zbuf;  // fp32: no copy
   const uint64_t offset = static_cast<uint64_t>(na.offset[0]);
   if (!na.per_row_seed) {
     fill_normals(zf, make_noise_key(static_cast<uint64_t>(na.seed[0]), offset), static_cast<uint64_t>(i), n);
@@ -196,7 +271,9 @@ static void chunk_noise(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R*
                    len);
     });
   }
-  for (int64_t j = 0; j < n; ++j) z[j] = static_cast<R>(zf[j]);
+  if (!std::is_same<R, float>::value) {
+    for (int64_t j = 0; j < n; ++j) z[j] = static_cast<R>(zf[j]);
+  }
 }
 
 static inline bool has_noise(const NoiseArgs& na) { return na.noise != nullptr || na.seed != nullptr; }
@@ -210,6 +287,52 @@ static inline void with_math_type(bool fp64, Fn&& fn) {
   } else {
     fn(float{});
   }
+}
+
+// Row coefficients looked up by timestep. A range of many rows (random t: a training batch, the
+// 2-D toy's thousands of short rows) computes each distinct t once, in a table of T entries; a
+// range of few rows, or rows sharing t, keeps the last row's. A t outside [0, T) is computed
+// directly every time it changes (no table slot for it).
+template <typename Row>
+class RowsByT {
+ public:
+  static constexpr int64_t kMinRows = 64;        // fewer rows: not worth a table
+  static constexpr int64_t kMaxT = int64_t{1} << 20;
+
+  RowsByT(int64_t T, int64_t rows) : T_(rows >= kMinRows && T > 0 && T <= kMaxT ? T : 0) {
+    if (T_ > 0) {
+      table_.resize(static_cast<size_t>(T_));
+      have_.assign(static_cast<size_t>(T_), 0);
+    }
+  }
+
+  template <typename Make>
+  const Row& get(int64_t t, Make&& make) {
+    if (t >= 0 && t < T_) {
+      if (!have_[t]) {
+        table_[t] = make(t);
+        have_[t] = 1;
+      }
+      return table_[t];
+    }
+    if (t != last_t_) {
+      last_ = make(t);
+      last_t_ = t;
+    }
+    return last_;
+  }
+
+ private:
+  int64_t T_;
+  std::vector<Row> table_;
+  std::vector<uint8_t> have_;
+  Row last_{};
+  int64_t last_t_ = INT64_MIN;
+};
+
+// The number of rows the flat range [begin, end) touches.
+static inline int64_t rows_in(int64_t begin, int64_t end, int64_t N) {
+  return end <= begin || N <= 0 ? 0 : (end - 1) / N - begin / N + 1;
 }
 
 // ---- gaussian_noise --------------------------------------------------------------------------
@@ -230,23 +353,22 @@ static void gaussian_noise_kernel(const NoiseFillArgs& a, int64_t begin, int64_t
 // ---- q_sample --------------------------------------------------------------------------------
 template <typename R>
 static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
-  R x[kChunk], z[kChunk], ca[kChunk], cb[kChunk];
-  int64_t cached_t = -1;
-  R sqrt_abar = 0, sqrt_one_minus_abar = 0;
+  R x[kChunk], z[kChunk], ca[kChunk + kFillPad], cb[kChunk + kFillPad];
+  struct QRow {
+    R sqrt_abar, sqrt_one_minus_abar;
+  };
+  RowsByT<QRow> rows(a.T, rows_in(begin, end, a.N));
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x0, a.x0_dtype, i, n);
     chunk_noise(a.noise, a.N, i, n, z);
     for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
-      const int64_t t = a.t[row];
-      if (t != cached_t) {
+      const QRow& rc = rows.get(a.t[row], [&](int64_t t) {
         const double abar_t = a.abar[t];
-        sqrt_abar = static_cast<R>(std::sqrt(abar_t));
-        sqrt_one_minus_abar = static_cast<R>(std::sqrt(1.0 - abar_t));
-        cached_t = t;
-      }
-      fill(ca + pos, len, sqrt_abar);
-      fill(cb + pos, len, sqrt_one_minus_abar);
+        return QRow{static_cast<R>(std::sqrt(abar_t)), static_cast<R>(std::sqrt(1.0 - abar_t))};
+      });
+      fill_run(ca + pos, len, rc.sqrt_abar);
+      fill_run(cb + pos, len, rc.sqrt_one_minus_abar);
     });
     for (int64_t j = 0; j < n; ++j) x[j] = ca[j] * x[j] + cb[j] * z[j];
     store_chunk(a.x_t, a.x0_dtype, i, x, n);
@@ -347,6 +469,29 @@ static inline void for_each_span(int64_t i, int64_t n, int64_t N, Same&& same, F
   }
 }
 
+// Whether same(row, row + 1) holds across every row of the flat range [begin, end): then each
+// chunk is one span and for_each_span_of skips the per-row comparisons (a sampling step: one t
+// for the batch; 10000 rows of 2 spent a third of the step comparing neighbours).
+template <typename Same>
+static inline bool one_span(int64_t begin, int64_t end, int64_t N, Same&& same) {
+  if (end <= begin || N <= 0) return true;
+  const int64_t last = (end - 1) / N;
+  for (int64_t row = begin / N; row < last; ++row) {
+    if (!same(row, row + 1)) return false;
+  }
+  return true;
+}
+
+// for_each_span, or one span of the whole chunk when `uniform` (from one_span) holds.
+template <typename Same, typename Fn>
+static inline void for_each_span_of(bool uniform, int64_t i, int64_t n, int64_t N, Same&& same, Fn&& fn) {
+  if (uniform) {
+    fn(i / N, int64_t{0}, n);
+  } else {
+    for_each_span(i, n, N, same, fn);
+  }
+}
+
 enum ClipMode : int { kNoClip = 0, kClip = 1, kThreshold = 2 };
 
 // x0_hat from the prediction, clipped or thresholded, into x0; the posterior mean into mean.
@@ -442,12 +587,14 @@ static inline int clip_mode(const StepArgs& a) {
 template <typename R>
 static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   R x[kChunk], pred[kChunk], var[kChunk], x0[kChunk], mean[kChunk], z[kChunk];
-  R sa[kChunk], s1[kChunk], cx0[kChunk], cxt[kChunk], sig[kChunk], lb[kChunk], lbt[kChunk], mask[kChunk], th[kChunk];
+  R sa[kChunk + kFillPad], s1[kChunk + kFillPad], cx0[kChunk + kFillPad], cxt[kChunk + kFillPad], sig[kChunk + kFillPad],
+    lb[kChunk + kFillPad], lbt[kChunk + kFillPad], mask[kChunk + kFillPad], th[kChunk + kFillPad];
   const bool noise_source = has_noise(a.noise);
   const R* row_threshold = static_cast<const R*>(a.row_threshold);
   const int clip = clip_mode(a);
   const R clip_range = static_cast<R>(a.clip_sample_range);
   const auto same = same_step_rows(a, row_threshold);
+  const bool uniform = one_span(begin, end, a.N, same);
   DdpmRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
     return ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
@@ -459,7 +606,7 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
     int spans = 0;
     int64_t first_row = 0;
     bool any_noise = false;
-    for_each_span(i, n, a.N, same, [&](int64_t row, int64_t pos, int64_t len) {
+    for_each_span_of(uniform, i, n, a.N, same, [&](int64_t row, int64_t pos, int64_t len) {
       row_coefs(row);
       if (spans++ == 0) {
         first_row = row;
@@ -467,27 +614,27 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
       } else if (spans == 2) {  // a second span: broadcast the first one too
         row_coefs(first_row);
         const int64_t len0 = pos;
-        fill(sa, len0, static_cast<R>(rc.sqrt_abar));
-        fill(s1, len0, static_cast<R>(rc.sqrt_one_minus_abar));
-        fill(cx0, len0, static_cast<R>(rc.coef_x0));
-        fill(cxt, len0, static_cast<R>(rc.coef_xt));
-        fill(sig, len0, static_cast<R>(rc.sigma));
-        fill(lb, len0, static_cast<R>(rc.log_beta));
-        fill(lbt, len0, static_cast<R>(rc.log_beta_tilde));
-        fill(mask, len0, static_cast<R>(rc.add_noise && noise_source ? 1 : 0));
-        if (a.thresholding) fill(th, len0, row_threshold[first_row]);
+        fill_run(sa, len0, static_cast<R>(rc.sqrt_abar));
+        fill_run(s1, len0, static_cast<R>(rc.sqrt_one_minus_abar));
+        fill_run(cx0, len0, static_cast<R>(rc.coef_x0));
+        fill_run(cxt, len0, static_cast<R>(rc.coef_xt));
+        fill_run(sig, len0, static_cast<R>(rc.sigma));
+        fill_run(lb, len0, static_cast<R>(rc.log_beta));
+        fill_run(lbt, len0, static_cast<R>(rc.log_beta_tilde));
+        fill_run(mask, len0, static_cast<R>(rc.add_noise && noise_source ? 1 : 0));
+        if (a.thresholding) fill_run(th, len0, row_threshold[first_row]);
         any_noise = any_noise || (rc.add_noise && noise_source);
         row_coefs(row);
       }
-      fill(sa + pos, len, static_cast<R>(rc.sqrt_abar));
-      fill(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
-      fill(cx0 + pos, len, static_cast<R>(rc.coef_x0));
-      fill(cxt + pos, len, static_cast<R>(rc.coef_xt));
-      fill(sig + pos, len, static_cast<R>(rc.sigma));
-      fill(lb + pos, len, static_cast<R>(rc.log_beta));
-      fill(lbt + pos, len, static_cast<R>(rc.log_beta_tilde));
-      fill(mask + pos, len, static_cast<R>(rc.add_noise && noise_source ? 1 : 0));
-      if (a.thresholding) fill(th + pos, len, row_threshold[row]);
+      fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
+      fill_run(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
+      fill_run(cx0 + pos, len, static_cast<R>(rc.coef_x0));
+      fill_run(cxt + pos, len, static_cast<R>(rc.coef_xt));
+      fill_run(sig + pos, len, static_cast<R>(rc.sigma));
+      fill_run(lb + pos, len, static_cast<R>(rc.log_beta));
+      fill_run(lbt + pos, len, static_cast<R>(rc.log_beta_tilde));
+      fill_run(mask + pos, len, static_cast<R>(rc.add_noise && noise_source ? 1 : 0));
+      if (a.thresholding) fill_run(th + pos, len, row_threshold[row]);
       any_noise = any_noise || (rc.add_noise && noise_source);
     });
     if (spans == 1) {
@@ -578,12 +725,14 @@ static void ddim_core_any(Prediction p, int clip, bool use_clipped, int64_t n, c
 template <typename R>
 static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   R x[kChunk], pred[kChunk], x0[kChunk], out[kChunk], z[kChunk];
-  R sa[kChunk], s1[kChunk], sap[kChunk], dir[kChunk], sig[kChunk], th[kChunk];
+  R sa[kChunk + kFillPad], s1[kChunk + kFillPad], sap[kChunk + kFillPad], dir[kChunk + kFillPad], sig[kChunk + kFillPad],
+    th[kChunk + kFillPad];
   const bool noisy = a.eta > 0.0 && has_noise(a.noise);
   const R* row_threshold = static_cast<const R*>(a.row_threshold);
   const int clip = clip_mode(a);
   const R clip_range = static_cast<R>(a.clip_sample_range);
   const auto same = same_step_rows(a, row_threshold);
+  const bool uniform = one_span(begin, end, a.N, same);
   DdimRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
     return ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
@@ -594,26 +743,26 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
     load_model_output(a, i, n, pred, static_cast<R*>(nullptr));
     int spans = 0;
     int64_t first_row = 0;
-    for_each_span(i, n, a.N, same, [&](int64_t row, int64_t pos, int64_t len) {
+    for_each_span_of(uniform, i, n, a.N, same, [&](int64_t row, int64_t pos, int64_t len) {
       if (spans++ == 0) {
         first_row = row;
         if (len == n) return;
       } else if (spans == 2) {
         row_coefs(first_row);
-        fill(sa, pos, static_cast<R>(rc.sqrt_abar));
-        fill(s1, pos, static_cast<R>(rc.sqrt_one_minus_abar));
-        fill(sap, pos, static_cast<R>(rc.sqrt_abar_prev));
-        fill(dir, pos, static_cast<R>(rc.direction));
-        fill(sig, pos, static_cast<R>(rc.sigma));
-        if (a.thresholding) fill(th, pos, row_threshold[first_row]);
+        fill_run(sa, pos, static_cast<R>(rc.sqrt_abar));
+        fill_run(s1, pos, static_cast<R>(rc.sqrt_one_minus_abar));
+        fill_run(sap, pos, static_cast<R>(rc.sqrt_abar_prev));
+        fill_run(dir, pos, static_cast<R>(rc.direction));
+        fill_run(sig, pos, static_cast<R>(rc.sigma));
+        if (a.thresholding) fill_run(th, pos, row_threshold[first_row]);
       }
       row_coefs(row);
-      fill(sa + pos, len, static_cast<R>(rc.sqrt_abar));
-      fill(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
-      fill(sap + pos, len, static_cast<R>(rc.sqrt_abar_prev));
-      fill(dir + pos, len, static_cast<R>(rc.direction));
-      fill(sig + pos, len, static_cast<R>(rc.sigma));
-      if (a.thresholding) fill(th + pos, len, row_threshold[row]);
+      fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
+      fill_run(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
+      fill_run(sap + pos, len, static_cast<R>(rc.sqrt_abar_prev));
+      fill_run(dir + pos, len, static_cast<R>(rc.direction));
+      fill_run(sig + pos, len, static_cast<R>(rc.sigma));
+      if (a.thresholding) fill_run(th + pos, len, row_threshold[row]);
     });
     if (spans == 1) {
       row_coefs(first_row);
@@ -675,23 +824,30 @@ static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
 }
 
 // ---- the simple loss -------------------------------------------------------------------------
-// diff = model_output - target over a chunk; returns the per-element weights' row runs via fn.
+// diff = model_output - target over a chunk and, when wrow is given, the per-element min-SNR
+// weights. The row coefficients are looked up only where they are used: sqrt(abar) and
+// sqrt(1 - abar) by the v target, the weight with snr_gamma (without it every weight is 1 and
+// wrow is left alone).
 template <typename R>
-static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, int64_t* cached_t,
-                            LossRow* rc) {
-  R mo[kChunk], x0[kChunk], z[kChunk], sa[kChunk], s1[kChunk];
+static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, RowsByT<LossRow>& rows) {
+  R mo[kChunk], x0[kChunk], z[kChunk], sa[kChunk + kFillPad], s1[kChunk + kFillPad];
   load_chunk(mo, a.model_output, a.mo_dtype, i, n);
-  // row coefficients, broadcast over spans of rows sharing t (cached while t repeats)
-  for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return a.t[r0] == a.t[r1]; },
-                [&](int64_t row, int64_t pos, int64_t len) {
-                  if (a.t[row] != *cached_t) {
-                    *rc = loss_row(a.abar[a.t[row]], a.target, a.min_snr, a.snr_gamma);
-                    *cached_t = a.t[row];
-                  }
-                  fill(sa + pos, len, static_cast<R>(rc->sqrt_abar));
-                  fill(s1 + pos, len, static_cast<R>(rc->sqrt_one_minus_abar));
-                  if (wrow != nullptr) fill(wrow + pos, len, static_cast<R>(rc->weight));
-                });
+  const bool v_coefs = a.target == Prediction::kV;
+  const bool weights = wrow != nullptr && a.min_snr;
+  if (v_coefs || weights) {
+    // row coefficients (once per distinct t), broadcast over spans of rows sharing t
+    for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return a.t[r0] == a.t[r1]; },
+                  [&](int64_t row, int64_t pos, int64_t len) {
+                    const LossRow& rc = rows.get(a.t[row], [&](int64_t t) {
+                      return loss_row(a.abar[t], a.target, a.min_snr, a.snr_gamma);
+                    });
+                    if (v_coefs) {
+                      fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
+                      fill_run(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
+                    }
+                    if (weights) fill_run(wrow + pos, len, static_cast<R>(rc.weight));
+                  });
+  }
   switch (a.target) {
     case Prediction::kEpsilon:
       chunk_noise(a.noise, a.N, i, n, z);
@@ -727,11 +883,10 @@ template <typename R>
 static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, double* row_sums) {
   R diff[kChunk];
   const int64_t first_row = begin / a.N;
-  int64_t cached_t = INT64_MIN;
-  LossRow rc{};
+  RowsByT<LossRow> rows(a.T, rows_in(begin, end, a.N));
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), &cached_t, &rc);
+    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), rows);
     if (a.N >= 64) {
       for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
         row_sums[row - first_row] += static_cast<double>(sum_squares(diff + pos, len));
@@ -753,17 +908,22 @@ static void loss_forward_kernel(const LossArgs& a, int64_t begin, int64_t end, d
 
 template <typename R>
 static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
-  R diff[kChunk], w[kChunk], g[kChunk];
+  R diff[kChunk], w[kChunk + kFillPad], g[kChunk + kFillPad];
   const R* grad = static_cast<const R*>(a.grad);
   const R two_over_n = static_cast<R>(2.0 / static_cast<double>(a.N));
-  int64_t cached_t = INT64_MIN;
-  LossRow rc{};
+  RowsByT<LossRow> rows(a.T, rows_in(begin, end, a.N));
+  const auto grad_same = [grad](int64_t r0, int64_t r1) { return grad[r0] == grad[r1]; };
+  const bool same_grad = one_span(begin, end, a.N, grad_same);  // reduction="mean": one grad
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, w, &cached_t, &rc);
-    for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return grad[r0] == grad[r1]; },
-                  [&](int64_t row, int64_t pos, int64_t len) { fill(g + pos, len, grad[row]); });
-    for (int64_t j = 0; j < n; ++j) diff[j] = (g[j] * w[j]) * (two_over_n * diff[j]);
+    loss_diff_chunk(a, i, n, diff, w, rows);
+    for_each_span_of(same_grad, i, n, a.N, grad_same,
+                     [&](int64_t row, int64_t pos, int64_t len) { fill_run(g + pos, len, grad[row]); });
+    if (a.min_snr) {
+      for (int64_t j = 0; j < n; ++j) diff[j] = (g[j] * w[j]) * (two_over_n * diff[j]);
+    } else {  // every weight is 1: g * 1 == g
+      for (int64_t j = 0; j < n; ++j) diff[j] = g[j] * (two_over_n * diff[j]);
+    }
     store_chunk(a.grad_model_output, a.mo_dtype, i, diff, n);
   }
 }
