@@ -102,6 +102,30 @@ static inline void fill_run(R* dst, int64_t n, R value) {
   }
 }
 
+// A chunk's array of per-element row values, with kFillPad slack before and after the chunk (for
+// for_each_row_run's whole-row stores).
+template <typename R>
+struct RowArray {
+  R buf[kChunk + 2 * kFillPad];
+  R* operator+(int64_t pos) { return buf + kFillPad + pos; }
+  operator R*() { return buf + kFillPad; }
+};
+
+// Calls put(row, pos, len) for the rows the flat range [i, i + n) touches, the row's elements
+// being [pos, pos + len) of the chunk, for put to fill_run() RowArrays with. Short rows (at most
+// kFillPad elements: the 2-D toy's rows of 2) are one flat loop over whole rows: pos = row * N - i
+// (negative for a row begun before the chunk) and len = N, which fill_run stores as kFillPad
+// values; what lands outside [0, n) falls in the slack or is overwritten by the next row.
+template <typename Fn>
+static inline void for_each_row_run(int64_t i, int64_t n, int64_t N, Fn&& put) {
+  if (N <= kFillPad) {
+    const int64_t last = (i + n - 1) / N;
+    for (int64_t row = i / N; row <= last; ++row) put(row, row * N - i, N);
+  } else {
+    for_each_run(i, n, N, [&](int64_t row, int64_t pos, int64_t, int64_t len) { put(row, pos, len); });
+  }
+}
+
 // Calls fn(row, position in chunk, index within the row, length) for each row run of the flat
 // range [i, i + n).
 template <typename Fn>
@@ -290,25 +314,32 @@ static inline void with_math_type(bool fp64, Fn&& fn) {
 }
 
 // Row coefficients looked up by timestep. A range of many rows (random t: a training batch, the
-// 2-D toy's thousands of short rows) computes each distinct t once, in a table of T entries; a
-// range of few rows, or rows sharing t, keeps the last row's. A t outside [0, T) is computed
-// directly every time it changes (no table slot for it).
+// 2-D toy's thousands of short rows) computes each distinct t once, in a table of T entries (the
+// whole table at the first lookup when the range has at least T rows: then every t likely
+// appears); a range of few rows, or rows sharing t, keeps the last row's. A t outside [0, T) is
+// computed directly every time it changes (no table slot for it).
 template <typename Row>
 class RowsByT {
  public:
   static constexpr int64_t kMinRows = 64;        // fewer rows: not worth a table
   static constexpr int64_t kMaxT = int64_t{1} << 20;
 
-  RowsByT(int64_t T, int64_t rows) : T_(rows >= kMinRows && T > 0 && T <= kMaxT ? T : 0) {
+  RowsByT(int64_t T, int64_t rows) : T_(rows >= kMinRows && T > 0 && T <= kMaxT ? T : 0), all_(rows >= T) {
     if (T_ > 0) {
       table_.resize(static_cast<size_t>(T_));
-      have_.assign(static_cast<size_t>(T_), 0);
+      if (!all_) have_.assign(static_cast<size_t>(T_), 0);
     }
   }
 
   template <typename Make>
   const Row& get(int64_t t, Make&& make) {
+    if (full_ != nullptr && static_cast<uint64_t>(t) < static_cast<uint64_t>(T_)) return full_[t];
     if (t >= 0 && t < T_) {
+      if (all_) {  // at least T rows: every t likely appears, fill the whole table at once
+        for (int64_t k = 0; k < T_; ++k) table_[k] = make(k);
+        full_ = table_.data();
+        return full_[t];
+      }
       if (!have_[t]) {
         table_[t] = make(t);
         have_[t] = 1;
@@ -324,6 +355,8 @@ class RowsByT {
 
  private:
   int64_t T_;
+  bool all_;
+  const Row* full_ = nullptr;  // the whole table, once filled
   std::vector<Row> table_;
   std::vector<uint8_t> have_;
   Row last_{};
@@ -353,7 +386,8 @@ static void gaussian_noise_kernel(const NoiseFillArgs& a, int64_t begin, int64_t
 // ---- q_sample --------------------------------------------------------------------------------
 template <typename R>
 static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
-  R x[kChunk], z[kChunk], ca[kChunk + kFillPad], cb[kChunk + kFillPad];
+  R x[kChunk], z[kChunk];
+  RowArray<R> ca, cb;
   struct QRow {
     R sqrt_abar, sqrt_one_minus_abar;
   };
@@ -362,7 +396,7 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x0, a.x0_dtype, i, n);
     chunk_noise(a.noise, a.N, i, n, z);
-    for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+    for_each_row_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t len) {
       const QRow& rc = rows.get(a.t[row], [&](int64_t t) {
         const double abar_t = a.abar[t];
         return QRow{static_cast<R>(std::sqrt(abar_t)), static_cast<R>(std::sqrt(1.0 - abar_t))};
@@ -370,7 +404,9 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
       fill_run(ca + pos, len, rc.sqrt_abar);
       fill_run(cb + pos, len, rc.sqrt_one_minus_abar);
     });
-    for (int64_t j = 0; j < n; ++j) x[j] = ca[j] * x[j] + cb[j] * z[j];
+    const R* cap = ca;
+    const R* cbp = cb;
+    for (int64_t j = 0; j < n; ++j) x[j] = cap[j] * x[j] + cbp[j] * z[j];
     store_chunk(a.x_t, a.x0_dtype, i, x, n);
   }
 }
@@ -830,24 +866,26 @@ static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
 // wrow is left alone).
 template <typename R>
 static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, RowsByT<LossRow>& rows) {
-  R mo[kChunk], x0[kChunk], z[kChunk], sa[kChunk + kFillPad], s1[kChunk + kFillPad];
+  R mo[kChunk], x0[kChunk], z[kChunk];
+  RowArray<R> sa, s1;
   load_chunk(mo, a.model_output, a.mo_dtype, i, n);
   const bool v_coefs = a.target == Prediction::kV;
   const bool weights = wrow != nullptr && a.min_snr;
   if (v_coefs || weights) {
-    // row coefficients (once per distinct t), broadcast over spans of rows sharing t
-    for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return a.t[r0] == a.t[r1]; },
-                  [&](int64_t row, int64_t pos, int64_t len) {
-                    const LossRow& rc = rows.get(a.t[row], [&](int64_t t) {
-                      return loss_row(a.abar[t], a.target, a.min_snr, a.snr_gamma);
-                    });
-                    if (v_coefs) {
-                      fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
-                      fill_run(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
-                    }
-                    if (weights) fill_run(wrow + pos, len, static_cast<R>(rc.weight));
-                  });
+    // row coefficients (once per distinct t), broadcast over the chunk's rows
+    for_each_row_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t len) {
+      const LossRow& rc = rows.get(a.t[row], [&](int64_t t) {
+        return loss_row(a.abar[t], a.target, a.min_snr, a.snr_gamma);
+      });
+      if (v_coefs) {
+        fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
+        fill_run(s1 + pos, len, static_cast<R>(rc.sqrt_one_minus_abar));
+      }
+      if (weights) fill_run(wrow + pos, len, static_cast<R>(rc.weight));
+    });
   }
+  const R* sap = sa;
+  const R* s1p = s1;
   switch (a.target) {
     case Prediction::kEpsilon:
       chunk_noise(a.noise, a.N, i, n, z);
@@ -860,7 +898,7 @@ static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R*
     case Prediction::kV:
       load_chunk(x0, a.x0, a.x0_dtype, i, n);
       chunk_noise(a.noise, a.N, i, n, z);
-      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - v_target(x0[j], z[j], sa[j], s1[j]);
+      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - v_target(x0[j], z[j], sap[j], s1p[j]);
       break;
   }
 }
@@ -908,7 +946,10 @@ static void loss_forward_kernel(const LossArgs& a, int64_t begin, int64_t end, d
 
 template <typename R>
 static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
-  R diff[kChunk], w[kChunk + kFillPad], g[kChunk + kFillPad];
+  R diff[kChunk];
+  RowArray<R> wa, ga;
+  R* const w = wa;
+  R* const g = ga;
   const R* grad = static_cast<const R*>(a.grad);
   const R two_over_n = static_cast<R>(2.0 / static_cast<double>(a.N));
   RowsByT<LossRow> rows(a.T, rows_in(begin, end, a.N));

@@ -108,7 +108,7 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& mo, const at::Tensor& x0, const 
   int64_t cached_t = -1;
   double w = 1.0;
   for (int64_t b = 0; b < a.B; ++b) {  // per_sample = mean over the row, times the min-SNR weight
-    if (t_ptr[b] != cached_t) {
+    if (a.min_snr && t_ptr[b] != cached_t) {  // without snr_gamma every weight is 1
       w = loss_row(a.abar[t_ptr[b]], a.target, a.min_snr, a.snr_gamma).weight;
       cached_t = t_ptr[b];
     }
