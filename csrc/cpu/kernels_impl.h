@@ -917,6 +917,57 @@ static R sum_squares(const R* d, int64_t n) {
   return total;
 }
 
+// sums[row] += the sum of the row's terms d[pos .. pos + len) for rows of kN elements lying
+// wholly in the chunk, rows row0 .. row0 + count - 1 from d[0]: kN a constant, so the loop runs
+// across rows (the terms of a row added in order, as the run loop below adds them).
+template <int kN, typename R>
+static inline void add_whole_rows(const R* d, int64_t row0, int64_t count, double* sums) {
+  for (int64_t r = 0; r < count; ++r) {
+    R sum = 0;
+    for (int k = 0; k < kN; ++k) sum += d[r * kN + k];
+    sums[row0 + r] += static_cast<double>(sum);
+  }
+}
+
+// Per-row sums of the chunk's terms d[0 .. n) (the flat range [i, i + n), rows of N < 64
+// elements) into sums[row]: the rows wholly inside the chunk in one loop (rows of 1 to 8 elements
+// with the row length a constant), the partial rows at its ends as runs.
+template <typename R>
+static void add_short_row_sums(int64_t i, int64_t n, int64_t N, const R* d, double* sums) {
+  const int64_t first_whole = (i + N - 1) / N, end_whole = (i + n) / N;
+  if (N > 8 || end_whole <= first_whole) {
+    for_each_run(i, n, N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+      R sum = 0;
+      for (int64_t k = pos; k < pos + len; ++k) sum += d[k];
+      sums[row] += static_cast<double>(sum);
+    });
+    return;
+  }
+  const int64_t head = first_whole * N - i, tail = (i + n) - end_whole * N;
+  if (head > 0) {
+    R sum = 0;
+    for (int64_t k = 0; k < head; ++k) sum += d[k];
+    sums[first_whole - 1] += static_cast<double>(sum);
+  }
+  const R* w = d + head;
+  const int64_t count = end_whole - first_whole;
+  switch (N) {
+    case 1: add_whole_rows<1>(w, first_whole, count, sums); break;
+    case 2: add_whole_rows<2>(w, first_whole, count, sums); break;
+    case 3: add_whole_rows<3>(w, first_whole, count, sums); break;
+    case 4: add_whole_rows<4>(w, first_whole, count, sums); break;
+    case 5: add_whole_rows<5>(w, first_whole, count, sums); break;
+    case 6: add_whole_rows<6>(w, first_whole, count, sums); break;
+    case 7: add_whole_rows<7>(w, first_whole, count, sums); break;
+    default: add_whole_rows<8>(w, first_whole, count, sums); break;
+  }
+  if (tail > 0) {
+    R sum = 0;
+    for (int64_t k = n - tail; k < n; ++k) sum += d[k];
+    sums[end_whole] += static_cast<double>(sum);
+  }
+}
+
 template <typename R>
 static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, double* row_sums) {
   R diff[kChunk];
@@ -931,11 +982,7 @@ static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, dou
       });
     } else {  // short rows: square the chunk in one vector loop, then add up each row's few terms
       for (int64_t j = 0; j < n; ++j) diff[j] = diff[j] * diff[j];
-      for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
-        R sum = 0;
-        for (int64_t k = pos; k < pos + len; ++k) sum += diff[k];
-        row_sums[row - first_row] += static_cast<double>(sum);
-      });
+      add_short_row_sums(i, n, a.N, diff, row_sums - first_row);
     }
   }
 }
