@@ -82,6 +82,32 @@ static void store_chunk(void* dst, DType dt, int64_t index, const R* src, int64_
   }
 }
 
+// Whether elements of dtype dt are the compute type R (then a chunk is read and written in place).
+template <typename R>
+static inline bool is_compute_type(DType dt) {
+  return std::is_same<R, float>::value ? dt == DType::kFloat32 : dt == DType::kFloat64;
+}
+
+// The chunk [index, index + n) of src in the compute type: src itself when it holds R (no copy),
+// else converted into buf.
+template <typename R>
+static inline const R* view_chunk(R* buf, const void* src, DType dt, int64_t index, int64_t n) {
+  if (is_compute_type<R>(dt)) return static_cast<const R*>(src) + index;
+  load_chunk(buf, src, dt, index, n);
+  return buf;
+}
+
+// Where a chunk's output is computed: dst itself when it holds R, else buf (then store_chunk).
+template <typename R>
+static inline R* output_chunk(R* buf, void* dst, DType dt, int64_t index) {
+  return is_compute_type<R>(dt) ? static_cast<R*>(dst) + index : buf;
+}
+
+template <typename R>
+static inline void finish_chunk(void* dst, DType dt, int64_t index, const R* out, int64_t n) {
+  if (!is_compute_type<R>(dt)) store_chunk(dst, dt, index, out, n);
+}
+
 template <typename R>
 static inline void fill(R* dst, int64_t n, R value) {
   for (int64_t j = 0; j < n; ++j) dst[j] = value;
@@ -300,6 +326,14 @@ static void chunk_noise(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R*
   }
 }
 
+// chunk_noise without a copy where the noise tensor holds the compute type.
+template <typename R>
+static inline const R* chunk_noise_view(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R* z) {
+  if (na.noise != nullptr && is_compute_type<R>(na.noise_dtype)) return static_cast<const R*>(na.noise) + i;
+  chunk_noise(na, N, i, n, z);
+  return z;
+}
+
 static inline bool has_noise(const NoiseArgs& na) { return na.noise != nullptr || na.seed != nullptr; }
 
 // Calls fn with a value of the math type (double when fp64, else float): one place picks the
@@ -392,22 +426,32 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
     R sqrt_abar, sqrt_one_minus_abar;
   };
   RowsByT<QRow> rows(a.T, rows_in(begin, end, a.N));
+  const auto row_coefs = [&](int64_t row) -> const QRow& {
+    return rows.get(a.t[row], [&](int64_t t) {
+      const double abar_t = a.abar[t];
+      return QRow{static_cast<R>(std::sqrt(abar_t)), static_cast<R>(std::sqrt(1.0 - abar_t))};
+    });
+  };
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    load_chunk(x, a.x0, a.x0_dtype, i, n);
-    chunk_noise(a.noise, a.N, i, n, z);
-    for_each_row_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t len) {
-      const QRow& rc = rows.get(a.t[row], [&](int64_t t) {
-        const double abar_t = a.abar[t];
-        return QRow{static_cast<R>(std::sqrt(abar_t)), static_cast<R>(std::sqrt(1.0 - abar_t))};
+    const R* xp = view_chunk(x, a.x0, a.x0_dtype, i, n);
+    const R* zp = chunk_noise_view(a.noise, a.N, i, n, z);
+    R* out = output_chunk(x, a.x_t, a.x0_dtype, i);
+    if (i / a.N == (i + n - 1) / a.N) {  // the chunk inside one row: scalar coefficients
+      const QRow& rc = row_coefs(i / a.N);
+      const R sa = rc.sqrt_abar, s1 = rc.sqrt_one_minus_abar;
+      for (int64_t j = 0; j < n; ++j) out[j] = sa * xp[j] + s1 * zp[j];
+    } else {
+      for_each_row_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t len) {
+        const QRow& rc = row_coefs(row);
+        fill_run(ca + pos, len, rc.sqrt_abar);
+        fill_run(cb + pos, len, rc.sqrt_one_minus_abar);
       });
-      fill_run(ca + pos, len, rc.sqrt_abar);
-      fill_run(cb + pos, len, rc.sqrt_one_minus_abar);
-    });
-    const R* cap = ca;
-    const R* cbp = cb;
-    for (int64_t j = 0; j < n; ++j) x[j] = cap[j] * x[j] + cbp[j] * z[j];
-    store_chunk(a.x_t, a.x0_dtype, i, x, n);
+      const R* cap = ca;
+      const R* cbp = cb;
+      for (int64_t j = 0; j < n; ++j) out[j] = cap[j] * xp[j] + cbp[j] * zp[j];
+    }
+    finish_chunk(a.x_t, a.x0_dtype, i, out, n);
   }
 }
 
@@ -441,6 +485,17 @@ static void load_model_output(const StepArgs& a, int64_t i, int64_t n, R* pred, 
     const R w = static_cast<R>(a.guidance_scale);
     for (int64_t j = 0; j < n; ++j) pred[j] = pred[j] + w * (cond[j] - pred[j]);
   }
+}
+
+// load_model_output without a copy where the model output is the prediction alone, in the
+// compute type.
+template <typename R>
+static inline const R* model_output_view(const StepArgs& a, int64_t i, int64_t n, R* pred, R* var) {
+  if (a.F() == 1 && !a.guidance && is_compute_type<R>(a.mo_dtype)) {
+    return static_cast<const R*>(a.model_output) + i;
+  }
+  load_model_output(a, i, n, pred, var);
+  return pred;
 }
 
 template <typename R>
@@ -622,7 +677,7 @@ static inline int clip_mode(const StepArgs& a) {
 
 template <typename R>
 static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
-  R x[kChunk], pred[kChunk], var[kChunk], x0[kChunk], mean[kChunk], z[kChunk];
+  R x_buf[kChunk], pred_buf[kChunk], var[kChunk], x0[kChunk], mean[kChunk], z[kChunk];
   R sa[kChunk + kFillPad], s1[kChunk + kFillPad], cx0[kChunk + kFillPad], cxt[kChunk + kFillPad], sig[kChunk + kFillPad],
     lb[kChunk + kFillPad], lbt[kChunk + kFillPad], mask[kChunk + kFillPad], th[kChunk + kFillPad];
   const bool noise_source = has_noise(a.noise);
@@ -637,8 +692,8 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   });
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    load_chunk(x, a.x_t, a.x_dtype, i, n);
-    load_model_output(a, i, n, pred, var);
+    const R* x = view_chunk(x_buf, a.x_t, a.x_dtype, i, n);  // read before this chunk of x_prev is stored
+    const R* pred = model_output_view(a, i, n, pred_buf, var);
     int spans = 0;
     int64_t first_row = 0;
     bool any_noise = false;
@@ -760,7 +815,7 @@ static void ddim_core_any(Prediction p, int clip, bool use_clipped, int64_t n, c
 
 template <typename R>
 static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
-  R x[kChunk], pred[kChunk], x0[kChunk], out[kChunk], z[kChunk];
+  R x_buf[kChunk], pred_buf[kChunk], x0[kChunk], out[kChunk], z[kChunk];
   R sa[kChunk + kFillPad], s1[kChunk + kFillPad], sap[kChunk + kFillPad], dir[kChunk + kFillPad], sig[kChunk + kFillPad],
     th[kChunk + kFillPad];
   const bool noisy = a.eta > 0.0 && has_noise(a.noise);
@@ -775,8 +830,8 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   });
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    load_chunk(x, a.x_t, a.x_dtype, i, n);
-    load_model_output(a, i, n, pred, static_cast<R*>(nullptr));
+    const R* x = view_chunk(x_buf, a.x_t, a.x_dtype, i, n);  // read before this chunk of x_prev is stored
+    const R* pred = model_output_view(a, i, n, pred_buf, static_cast<R*>(nullptr));
     int spans = 0;
     int64_t first_row = 0;
     for_each_span_of(uniform, i, n, a.N, same, [&](int64_t row, int64_t pos, int64_t len) {
@@ -866,9 +921,9 @@ static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
 // wrow is left alone).
 template <typename R>
 static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, RowsByT<LossRow>& rows) {
-  R mo[kChunk], x0[kChunk], z[kChunk];
+  R mo_buf[kChunk], x0_buf[kChunk], z[kChunk];
   RowArray<R> sa, s1;
-  load_chunk(mo, a.model_output, a.mo_dtype, i, n);
+  const R* mo = view_chunk(mo_buf, a.model_output, a.mo_dtype, i, n);
   const bool v_coefs = a.target == Prediction::kV;
   const bool weights = wrow != nullptr && a.min_snr;
   if (v_coefs || weights) {
@@ -887,19 +942,22 @@ static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R*
   const R* sap = sa;
   const R* s1p = s1;
   switch (a.target) {
-    case Prediction::kEpsilon:
-      chunk_noise(a.noise, a.N, i, n, z);
-      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - z[j];
+    case Prediction::kEpsilon: {
+      const R* zp = chunk_noise_view(a.noise, a.N, i, n, z);
+      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - zp[j];
       break;
-    case Prediction::kSample:
-      load_chunk(x0, a.x0, a.x0_dtype, i, n);
+    }
+    case Prediction::kSample: {
+      const R* x0 = view_chunk(x0_buf, a.x0, a.x0_dtype, i, n);
       for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - x0[j];
       break;
-    case Prediction::kV:
-      load_chunk(x0, a.x0, a.x0_dtype, i, n);
-      chunk_noise(a.noise, a.N, i, n, z);
-      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - v_target(x0[j], z[j], sap[j], s1p[j]);
+    }
+    case Prediction::kV: {
+      const R* x0 = view_chunk(x0_buf, a.x0, a.x0_dtype, i, n);
+      const R* zp = chunk_noise_view(a.noise, a.N, i, n, z);
+      for (int64_t j = 0; j < n; ++j) diff[j] = mo[j] - v_target(x0[j], zp[j], sap[j], s1p[j]);
       break;
+    }
   }
 }
 
@@ -1005,14 +1063,20 @@ static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     loss_diff_chunk(a, i, n, diff, w, rows);
-    for_each_span_of(same_grad, i, n, a.N, grad_same,
-                     [&](int64_t row, int64_t pos, int64_t len) { fill_run(g + pos, len, grad[row]); });
+    R* out = output_chunk(diff, a.grad_model_output, a.mo_dtype, i);
     if (a.min_snr) {
-      for (int64_t j = 0; j < n; ++j) diff[j] = (g[j] * w[j]) * (two_over_n * diff[j]);
-    } else {  // every weight is 1: g * 1 == g
-      for (int64_t j = 0; j < n; ++j) diff[j] = g[j] * (two_over_n * diff[j]);
+      for_each_span_of(same_grad, i, n, a.N, grad_same,
+                       [&](int64_t row, int64_t pos, int64_t len) { fill_run(g + pos, len, grad[row]); });
+      for (int64_t j = 0; j < n; ++j) out[j] = (g[j] * w[j]) * (two_over_n * diff[j]);
+    } else if (same_grad) {  // every weight is 1 (g * 1 == g) and one gradient for the range
+      const R g0 = grad[i / a.N];
+      for (int64_t j = 0; j < n; ++j) out[j] = g0 * (two_over_n * diff[j]);
+    } else {
+      for_each_span_of(false, i, n, a.N, grad_same,
+                       [&](int64_t row, int64_t pos, int64_t len) { fill_run(g + pos, len, grad[row]); });
+      for (int64_t j = 0; j < n; ++j) out[j] = g[j] * (two_over_n * diff[j]);
     }
-    store_chunk(a.grad_model_output, a.mo_dtype, i, diff, n);
+    finish_chunk(a.grad_model_output, a.mo_dtype, i, out, n);
   }
 }
 
