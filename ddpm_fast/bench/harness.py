@@ -14,7 +14,7 @@ import torch
 
 from .report import NOISY_SPREAD, rank
 from .specs import OP_DESCRIPTIONS, SPECS, TRAFFIC, ProviderSkip, dtype_name, make_runner, op_bytes, shape_str
-from .timing import copy_runner, measure_copy, quantile, time_group
+from .timing import clock_for, copy_runner, measure_copy, quantile, time_group
 
 COPY = "__copy__"  # the same-size copy timed in every case's rounds
 
@@ -126,7 +126,7 @@ def _time_case(fns, device, *, log, max_retries: int, **kw) -> Tuple[Dict[str, d
 def run_benchmarks(ops: Sequence[str], shapes: Sequence[Tuple[int, ...]], dtypes: Sequence[torch.dtype],
                    device="cpu", *, providers: Optional[Sequence[str]] = None, compile: bool = True,
                    warmup: int = 3, repeats: int = 30, min_sample_s: float = 2e-3, budget_s: float = 3.0,
-                   max_retries: int = 1, quick: bool = False, explicit_shapes: bool = False,
+                   max_retries: int = 1, quick: bool = False, explicit_shapes: bool = False, best_of: int = 1,
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure every (op, shape, dtype, provider) plus a same-size copy per case and the large copy
     bandwidth; returns the JSON dict. ``shapes`` apply to every op unless an op has its own
@@ -138,7 +138,9 @@ def run_benchmarks(ops: Sequence[str], shapes: Sequence[Tuple[int, ...]], dtypes
     log(f"copy bandwidth: {copy_before['gbps']:.1f} GB/s ({copy_before['bytes'] / 2**20:.0f} MiB moved by "
         "dst.copy_(src), read + write)")
     results: List[dict] = []
-    timing_kw = dict(warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, budget_s=budget_s)
+    clock = clock_for(device, torch.get_num_threads())
+    timing_kw = dict(warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, budget_s=budget_s, best_of=best_of,
+                     clock=clock)
     for op in ops:
         spec = SPECS[op]
         for shape in shapes_for(op, shapes, quick=quick, explicit=explicit_shapes):
@@ -196,8 +198,9 @@ def run_benchmarks(ops: Sequence[str], shapes: Sequence[Tuple[int, ...]], dtypes
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),
         "settings": {"warmup": warmup, "repeats": repeats, "min_sample_s": min_sample_s, "budget_s": budget_s,
-                     "compile": compile, "quick": quick, "timing": "round-robin rounds, order rotating; median "
-                     "per call, p25-p75; ratios paired within a round", "noisy_spread": NOISY_SPREAD,
+                     "best_of": best_of, "clock": clock.__name__, "compile": compile, "quick": quick,
+                     "timing": "round-robin rounds, order rotating; a sample = the fastest of best_of timings; "
+                     "median per call, p25-p75; ratios paired within a round", "noisy_spread": NOISY_SPREAD,
                      "max_retries": max_retries},
         "copy": copy,
         "traffic": {op: {"reads": tr.reads, "writes": tr.writes, "what": tr.what} for op, tr in TRAFFIC.items()},

@@ -2,9 +2,13 @@
 
 One function times everything (:func:`time_group`; :func:`time_fn` is a group of one). A *round*
 takes one sample of every callable, in an order that rotates from round to round (so no provider
-always runs first, after the others have warmed or polluted the caches); a *sample* is an inner
-loop of calls lasting at least ``min_sample_s``. On a machine shared with other jobs a burst of
-load lands on the samples of one round, all providers alike: the ratio of two providers within a
+always runs first, after the others have warmed or polluted the caches); a *sample* is the
+fastest of ``best_of`` back-to-back timings of an inner loop of calls lasting at least
+``min_sample_s``. On a machine shared with other jobs, a CPU case at one thread reads the thread's
+CPU time, which another job's time slice does not advance; what remains (caches refilled after a
+descheduling, a wall clock where several threads run) lands on one timing, and the fastest of three
+keeps it out; a longer burst of load
+lands on the samples of one round, all providers alike, so the ratio of two providers within a
 round (:func:`paired_ratios`) stays meaningful where their absolute times do not, and the spread
 of those ratios over the rounds says how far the run can be trusted.
 """
@@ -40,13 +44,22 @@ def summary(samples: Sequence[float]) -> dict:
             "p75_s": quantile(samples, 0.75), "min_s": min(samples), "max_s": max(samples)}
 
 
+def clock_for(device, threads: int) -> Callable[[], float]:
+    """The clock of a case: on a CPU with one thread the calling thread's CPU time
+    (``time.thread_time``: time slices given to other jobs do not count, the work of this one does);
+    with more threads, or on a GPU, wall time (``time.perf_counter``)."""
+    return time.thread_time if torch.device(device).type == "cpu" and threads == 1 else time.perf_counter
+
+
 def time_group(fns: Dict[str, Callable[[], object]], device="cpu", *, warmup: int = 3, repeats: int = 15,
-               min_sample_s: float = 2e-3, budget_s: float = 3.0, min_rounds: int = 5) -> Dict[str, dict]:
+               min_sample_s: float = 2e-3, budget_s: float = 3.0, min_rounds: int = 5,
+               best_of: int = 1, clock: Callable[[], float] = time.perf_counter) -> Dict[str, dict]:
     """Seconds per call of each callable, sampled round-robin: ``warmup`` calls each (a slow one
     stops after a quarter of the budget, at least two calls: the first pays one-time costs), then
     up to ``repeats`` rounds (fewer when a round would blow ``budget_s``, at least ``min_rounds``)
-    of one sample of every callable, the order rotating by one each round. CUDA is synchronised
-    around each sample.
+    of one sample of every callable, the order rotating by one each round; a sample is the fastest
+    of ``best_of`` timings of ``inner`` calls, read on ``clock`` (:func:`clock_for`; the warm-up
+    calibration uses wall time). CUDA is synchronised around each timing.
 
     Returns per name: ``samples`` (seconds per call, one per round, in round order), ``median_s``,
     ``p25_s``, ``p75_s``, ``min_s``, ``max_s``, ``repeats`` (rounds) and ``inner`` (calls per sample)."""
@@ -67,19 +80,23 @@ def time_group(fns: Dict[str, Callable[[], object]], device="cpu", *, warmup: in
                 break
         one[name] = max(dt, 1e-7)
         inner[name] = max(1, int(math.ceil(min_sample_s / one[name])))
-    per_round = sum(one[n] * inner[n] for n in names) or 1e-7
+    best_of = max(1, int(best_of))
+    per_round = best_of * sum(one[n] * inner[n] for n in names) or 1e-7
     rounds = max(min_rounds, min(repeats, int(budget_s / per_round)))
     samples: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn, m = fns[name], inner[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(m):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) / m)
+            fastest = float("inf")
+            for _ in range(best_of):
+                _sync(device)
+                t0 = clock()
+                for _ in range(m):
+                    fn()
+                _sync(device)
+                fastest = min(fastest, clock() - t0)
+            samples[name].append(fastest / m)
     return {n: {"samples": v, **summary(v), "repeats": rounds, "inner": inner[n]} for n, v in samples.items()}
 
 
