@@ -40,7 +40,7 @@ from .report import (DEFAULT_TARGETS, check_targets, format_markdown, format_tab
 from .specs import (ALL_PROVIDERS, CUDA_LARGE_SHAPE, DEFAULT_SHAPES, DTYPES, LIBRARY_PROVIDERS, OFFSET,
                     OP_DESCRIPTIONS, OPS, PROVIDERS, QUICK_SHAPES, SEED, SPECS, TRAFFIC, OpSpec, ProviderSkip,
                     Traffic, _library_backend, dtype_name, inputs_for, make_runner, op_bytes, shape_str, shapes_for)
-from .timing import _sync, measure_copy, paired_ratios, ratio_summary, time_fn, time_group
+from .timing import _sync, measure_copy, paired_ratios, pin_malloc, ratio_summary, time_fn, time_group
 
 _inputs = inputs_for  # the name profile.py and older callers use
 
@@ -137,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"note: load average {load:.1f} on {cores} cores: other jobs are running. The ratios pair the "
               "providers within each round; the absolute times will drift", file=sys.stderr)
 
+    malloc = pin_malloc() if device.type == "cpu" else "unchanged (CUDA)"
     quick = args.quick
     ops = args.ops or list(OPS)
     dtypes = [DTYPES[d] for d in (args.dtype or (["fp32"] if quick else ["fp32", "bf16"]))]
@@ -162,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           repeats=repeats, min_sample_s=min_sample_s, budget_s=budget_s, best_of=best_of,
                           max_retries=0 if quick else 1, quick=quick, explicit_shapes=bool(args.shapes), log=log)
     data["argv"] = list(argv if argv is not None else sys.argv[1:])
+    data["settings"]["malloc"] = malloc
     targets_path = args.targets or DEFAULT_TARGETS
     specs = load_targets(targets_path)
     data["targets_file"] = os.path.relpath(targets_path) if specs else None

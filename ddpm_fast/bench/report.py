@@ -158,6 +158,7 @@ def format_table(data: dict) -> str:
              f"each case: {s.get('repeats', '?')} rounds (fewer when slow), one sample of every provider per round, "
              f"the order rotating; a sample = the fastest of {s.get('best_of', 1)} timing(s) on "
              f"{s.get('clock', 'perf_counter')}; ms = median per call [p25-p75]",
+             f"allocator: {s.get('malloc', 'as it was')}",
              "GB/s = the op's minimal traffic (bench.TRAFFIC) / median; %copy = that over dst.copy_(src) of one "
              "tensor of the same size timed in the same rounds (in cache where the op's tensors are)",
              "last column: the fastest library provider against this row, the median of the per-round ratios "
