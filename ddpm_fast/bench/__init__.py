@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads (default 1 on CPU: the figures are one core's; on CUDA torch's default)")
     p.add_argument("--targets", metavar="PATH", default=None,
                    help="targets file (default: benchmarks/targets.json of the source tree, when there is one)")
+    p.add_argument("--no-pin-malloc", dest="pin_malloc", action="store_false",
+                   help="leave glibc's mmap/trim thresholds dynamic (default on CPU: pinned, so that a provider's "
+                        "allocations cost the same whatever ran before it)")
     p.add_argument("--json", metavar="PATH", help="write every figure, sample and the machine info as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the targets' table (ratios only) as Markdown ('-': stdout)")
     p.add_argument("--plot", metavar="PNG", help="draw GB/s per op and provider across sizes (matplotlib)")
@@ -137,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"note: load average {load:.1f} on {cores} cores: other jobs are running. The ratios pair the "
               "providers within each round; the absolute times will drift", file=sys.stderr)
 
-    malloc = pin_malloc() if device.type == "cpu" else "unchanged (CUDA)"
+    malloc = (pin_malloc() if args.pin_malloc else "glibc thresholds left dynamic (--no-pin-malloc)") \
+        if device.type == "cpu" else "unchanged (CUDA)"
     quick = args.quick
     ops = args.ops or list(OPS)
     dtypes = [DTYPES[d] for d in (args.dtype or (["fp32"] if quick else ["fp32", "bf16"]))]
