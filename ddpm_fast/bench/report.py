@@ -203,7 +203,12 @@ def format_markdown(data: dict, targets: Optional[List[dict]] = None) -> str:
         targets = data.get("targets") or check_targets(data)
     load = m.get("load_average")
     shared = load and load[0] > 0.5 * (m.get("cpu_count") or 1)
-    lines = [f"Measured on {m['device_name']} ({m['device']}, {m['threads']} thread(s), torch {m['torch']}), "
+    flags = m.get("cpu_flags")
+    isa = ""
+    if m["device"] == "cpu" and flags is not None:
+        isa = ", " + (" ".join(f for f in flags if f in ("avx2", "fma", "avx512f")) or "no AVX2") \
+            + ("" if "avx512f" in flags else ", no AVX-512")
+    lines = [f"Measured on {m['device_name']} ({m['device']}{isa}, {m['threads']} thread(s), torch {m['torch']}), "
              f"{data.get('created', '')[:10]}"
              + (f"; the machine was shared with other jobs (load average {load[0]:.1f} on {m.get('cpu_count')} cores),"
                 " so only ratios are given, each the median of ratios paired within a round" if shared else
