@@ -6,7 +6,7 @@ Gradients:
 * ``diffusion_loss``: a fused backward kernel (``diffusion_loss_backward``) that regenerates the
   noise from ``(seed, offset)``; no noise tensor is stored between forward and backward.
   Both are registered in C++ (``csrc/torch/autograd.cpp``): a Python formula costs ~100 us a call.
-* the steps (in ``model_output`` and ``x_t``) and ``vlb_loss`` (in ``model_output``): the backward
+* the steps (in ``model_output`` and ``x_t``) and ``vlb_loss`` (in ``model_output``, ``x0``, ``x_t``): the backward
   is the vector-Jacobian product of the reference implementation (``ddpm_fast.reference``)
   recomputed from the saved inputs. For the fixed-variance DDPM step and DDIM the noise term is
   additive and independent of the inputs, so the reference runs with ``noise=None`` (exact);
@@ -195,13 +195,23 @@ def _vlb_setup(ctx, inputs, output):
 
 
 def _vlb_backward(ctx, grad):
+    """In model_output and, where they require grad, in x0 and x_t (as the reference: the true
+    posterior mean depends on both)."""
     model_output, x0, x_t, t, alphas_cumprod = ctx.saved_tensors
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    primals = (model_output, x0, x_t)
 
-    def fn(mo):
-        return (R.vlb_terms(mo, x0, x_t, t, alphas_cumprod, **ctx.opts),)
+    def fn(*args):
+        full = list(primals)
+        for i, a in zip(wanted, args):
+            full[i] = a
+        return (R.vlb_terms(*full, t, alphas_cumprod, **ctx.opts),)
 
-    (g_mo,) = _vjp(fn, (model_output,), (grad,))
-    return g_mo, None, None, None, None, None, None
+    grads = _vjp(fn, tuple(primals[i] for i in wanted), (grad,)) if wanted else []
+    out = [None] * 7
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
 
 
 torch.library.register_autograd(f"{_LIB}::vlb_loss", _vlb_backward, setup_context=_vlb_setup)

@@ -33,9 +33,17 @@ def _noise(noise, seed, offset, shape, device):
                                     dtype=torch.float64)
 
 
-def _write(out, x):
+def _write(out, x, noise=None):
+    """x into ``out`` when given. ops.py has checked ``out`` against x_t and model_output; a given
+    noise tensor is checked here (the reference computes before it writes, but the rule is every
+    backend's: out may be exactly an input, never part of one)."""
     if out is None:
         return x
+    if noise is not None and not torch.compiler.is_compiling():
+        from .ops import _same_view, _shares_memory
+        if not _same_view(out, noise) and _shares_memory(out, noise):
+            raise ValueError("out shares part of its memory with noise (a shifted or sliced view of the same "
+                             "storage): give out=noise itself, or a tensor of its own")
     out.copy_(x)
     return out
 
@@ -46,19 +54,19 @@ def gaussian_noise(shape, seed, offset, dtype):
 
 def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     eps = _noise(noise, seed, offset, x0.shape, x0.device)
-    return R.q_sample(x0, R.abar_at(alphas_cumprod, t), eps)
+    return R.q_sample(x0, R.abar_of(alphas_cumprod, t), eps)
 
 
 def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device)
     x_prev, x0_hat = R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+    return _write(out, x_prev, noise), (x0_hat if return_x0 else None)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if opts["eta"] > 0 else None
     x_prev, x0_hat = R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+    return _write(out, x_prev, noise), (x0_hat if return_x0 else None)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, return_x0, out, **opts):

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -380,9 +381,10 @@ class RowsByT {
       }
       return table_[t];
     }
-    if (t != last_t_) {
+    if (!has_last_ || t != last_t_) {
       last_ = make(t);
       last_t_ = t;
+      has_last_ = true;
     }
     return last_;
   }
@@ -394,8 +396,17 @@ class RowsByT {
   std::vector<Row> table_;
   std::vector<uint8_t> have_;
   Row last_{};
-  int64_t last_t_ = INT64_MIN;
+  int64_t last_t_ = 0;
+  bool has_last_ = false;
 };
+
+// Whether some row of the flat range [begin, end) has a timestep outside [0, T) (integers only).
+static inline bool any_t_outside(const int64_t* t, int64_t T, int64_t begin, int64_t end, int64_t N) {
+  if (end <= begin || N <= 0) return false;
+  bool outside = false;
+  for (int64_t row = begin / N; row <= (end - 1) / N; ++row) outside |= t[row] < 0 || t[row] >= T;
+  return outside;
+}
 
 // The number of rows the flat range [begin, end) touches.
 static inline int64_t rows_in(int64_t begin, int64_t end, int64_t N) {
@@ -428,7 +439,7 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
   RowsByT<QRow> rows(a.T, rows_in(begin, end, a.N));
   const auto row_coefs = [&](int64_t row) -> const QRow& {
     return rows.get(a.t[row], [&](int64_t t) {
-      const double abar_t = a.abar[t];
+      const double abar_t = abar_of(a.abar, a.T, t);  // NaN outside the table
       return QRow{static_cast<R>(std::sqrt(abar_t)), static_cast<R>(std::sqrt(1.0 - abar_t))};
     });
   };
@@ -659,8 +670,10 @@ static inline auto same_step_rows(const StepArgs& a, const R* row_threshold) {
 }
 
 // row_coefs(row): sets rc = make(t, prev_t) of the row, recomputed only when (t, prev_t) changes.
+// The cache starts at (INT64_MIN, INT64_MIN), a pair outside the table, with its (NaN) coefficients.
 template <typename Row, typename Make>
 static inline auto step_row_cache(const StepArgs& a, Row& rc, Make make) {
+  rc = make(INT64_MIN, INT64_MIN);
   return [&a, &rc, make, cached_t = INT64_MIN, cached_prev = INT64_MIN](int64_t row) mutable {
     const int64_t t = a.t[row], prev = a.prev_t[row];
     if (t != cached_t || prev != cached_prev) {
@@ -669,6 +682,37 @@ static inline auto step_row_cache(const StepArgs& a, Row& rc, Make make) {
       cached_prev = prev;
     }
   };
+}
+
+// Rows whose (t, prev_t) lies outside the table are NaN rows: their coefficients are NaN already,
+// which leaves only x0_hat of a sample prediction (or of a row with only prev_t outside) to fill.
+static inline bool step_row_ok(const StepArgs& a, int64_t row) {
+  const double past_end = a.kind == StepKind::kDdpm ? 1.0 : a.final_alpha_cumprod;
+  return step_row_in_table(a.abar, a.T, a.t[row], a.prev_t[row], past_end);
+}
+
+// Whether some row of the flat range [begin, end) is such a row (checked once per call, on the
+// integers alone: a vectorised pass; a negative prev_t is outside only where past_end is NaN).
+static inline bool any_row_outside_table(const StepArgs& a, int64_t begin, int64_t end) {
+  if (end <= begin) return false;
+  const double past_end = a.kind == StepKind::kDdpm ? 1.0 : a.final_alpha_cumprod;
+  const bool negative_prev_inside = past_end == past_end;
+  bool outside = false;
+  for (int64_t row = begin / a.N; row <= (end - 1) / a.N; ++row) {
+    const int64_t t = a.t[row], prev = a.prev_t[row];
+    outside |= (t < 0) | (t >= a.T) | (prev >= a.T) | ((prev < 0) & !negative_prev_inside);
+  }
+  return outside;
+}
+
+template <typename R>
+static void fill_rows_outside_table(const StepArgs& a, int64_t i, int64_t n, R* x0, R* out) {
+  for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+    if (!step_row_ok(a, row)) {
+      fill(x0 + pos, len, std::numeric_limits<R>::quiet_NaN());
+      fill(out + pos, len, std::numeric_limits<R>::quiet_NaN());
+    }
+  });
 }
 
 static inline int clip_mode(const StepArgs& a) {
@@ -688,8 +732,9 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const bool uniform = one_span(begin, end, a.N, same);
   DdpmRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
-    return ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
+    return ddpm_row(abar_of(a.abar, a.T, t), abar_prev_of(a.abar, a.T, prev, 1.0), a.variance, t > 0);
   });
+  const bool rows_outside = any_row_outside_table(a, begin, end);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     const R* x = view_chunk(x_buf, a.x_t, a.x_dtype, i, n);  // read before this chunk of x_prev is stored
@@ -749,6 +794,7 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
         ddpm_add_noise<R, false>(a.variance, n, mean, z, var, C{sig, 0}, C{lb, 0}, C{lbt, 0}, C{mask, 0});
       }
     }
+    if (rows_outside) fill_rows_outside_table(a, i, n, x0, mean);
     if (a.x0_hat != nullptr) store_chunk(a.x0_hat, a.x_dtype, i, x0, n);
     store_chunk(a.x_prev, a.x_dtype, i, mean, n);
   }
@@ -826,8 +872,9 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const bool uniform = one_span(begin, end, a.N, same);
   DdimRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
-    return ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
+    return ddim_row(abar_of(a.abar, a.T, t), abar_prev_of(a.abar, a.T, prev, a.final_alpha_cumprod), a.eta);
   });
+  const bool rows_outside = any_row_outside_table(a, begin, end);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     const R* x = view_chunk(x_buf, a.x_t, a.x_dtype, i, n);  // read before this chunk of x_prev is stored
@@ -876,6 +923,7 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < n; ++j) out[j] = out[j] + sig[j] * z[j];
       }
     }
+    if (rows_outside) fill_rows_outside_table(a, i, n, x0, out);
     if (a.x0_hat != nullptr) store_chunk(a.x0_hat, a.x_dtype, i, x0, n);
     store_chunk(a.x_prev, a.x_dtype, i, out, n);
   }
@@ -895,7 +943,7 @@ static void step_kernel(const StepArgs& a, int64_t begin, int64_t end) {
 template <typename R>
 static void step_abs_x0_impl(const StepArgs& a, int64_t b, R* dst) {
   R x[kChunk], pred[kChunk], var[kChunk], sa[kChunk], s1[kChunk];
-  const double abar_t = a.abar[a.t[b]];
+  const double abar_t = abar_of(a.abar, a.T, a.t[b]);
   const R sqrt_abar = static_cast<R>(std::sqrt(abar_t));
   const R sqrt_one_minus_abar = static_cast<R>(std::sqrt(1.0 - abar_t));
   fill(sa, kChunk, sqrt_abar);
@@ -915,22 +963,22 @@ static void step_abs_x0_kernel(const StepArgs& a, int64_t b, void* dst) {
 }
 
 // ---- the simple loss -------------------------------------------------------------------------
-// diff = model_output - target over a chunk and, when wrow is given, the per-element min-SNR
-// weights. The row coefficients are looked up only where they are used: sqrt(abar) and
-// sqrt(1 - abar) by the v target, the weight with snr_gamma (without it every weight is 1 and
-// wrow is left alone).
+// diff = model_output - target over a chunk and, with `weights`, the per-element weights into
+// wrow. The row coefficients are looked up only where they are used: sqrt(abar) and
+// sqrt(1 - abar) by the v target, the weights where some differ from 1 (min-SNR, or a row outside
+// the table: NaN); otherwise wrow is left alone.
 template <typename R>
-static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, RowsByT<LossRow>& rows) {
+static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R* wrow, bool weights,
+                            RowsByT<LossRow>& rows) {
   R mo_buf[kChunk], x0_buf[kChunk], z[kChunk];
   RowArray<R> sa, s1;
   const R* mo = view_chunk(mo_buf, a.model_output, a.mo_dtype, i, n);
   const bool v_coefs = a.target == Prediction::kV;
-  const bool weights = wrow != nullptr && a.min_snr;
   if (v_coefs || weights) {
     // row coefficients (once per distinct t), broadcast over the chunk's rows
     for_each_row_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t len) {
       const LossRow& rc = rows.get(a.t[row], [&](int64_t t) {
-        return loss_row(a.abar[t], a.target, a.min_snr, a.snr_gamma);
+        return loss_row(abar_of(a.abar, a.T, t), a.target, a.min_snr, a.snr_gamma);  // NaN outside
       });
       if (v_coefs) {
         fill_run(sa + pos, len, static_cast<R>(rc.sqrt_abar));
@@ -1033,7 +1081,7 @@ static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, dou
   RowsByT<LossRow> rows(a.T, rows_in(begin, end, a.N));
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), rows);
+    loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), false, rows);
     if (a.N >= 64) {
       for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
         row_sums[row - first_row] += static_cast<double>(sum_squares(diff + pos, len));
@@ -1060,11 +1108,14 @@ static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
   RowsByT<LossRow> rows(a.T, rows_in(begin, end, a.N));
   const auto grad_same = [grad](int64_t r0, int64_t r1) { return grad[r0] == grad[r1]; };
   const bool same_grad = one_span(begin, end, a.N, grad_same);  // reduction="mean": one grad
+  // the per-row weights where some differ from 1: min-SNR, or a row whose t lies outside the table
+  // (its weight, and so its gradient, NaN)
+  const bool weights = a.min_snr || any_t_outside(a.t, a.T, begin, end, a.N);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
-    loss_diff_chunk(a, i, n, diff, w, rows);
+    loss_diff_chunk(a, i, n, diff, w, weights, rows);
     R* out = output_chunk(diff, a.grad_model_output, a.mo_dtype, i);
-    if (a.min_snr) {
+    if (weights) {
       for_each_span_of(same_grad, i, n, a.N, grad_same,
                        [&](int64_t row, int64_t pos, int64_t len) { fill_run(g + pos, len, grad[row]); });
       for (int64_t j = 0; j < n; ++j) out[j] = (g[j] * w[j]) * (two_over_n * diff[j]);

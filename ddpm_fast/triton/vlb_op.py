@@ -129,16 +129,25 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    """The vjp of the reference, in model_output and, where they require grad, in x0 and x_t."""
     from .. import reference as R
     model_output, x0, x_t, t, alphas_cumprod = ctx.saved_tensors
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    primals = (model_output, x0, x_t)
 
-    def f(mo):
-        return R.vlb_terms(mo, x0, x_t, t, alphas_cumprod, prediction_type=ctx.prediction_type,
+    def f(*args):
+        full = list(primals)
+        for i, a in zip(wanted, args):
+            full[i] = a
+        return R.vlb_terms(*full, t, alphas_cumprod, prediction_type=ctx.prediction_type,
                            variance_type=ctx.variance_type)
 
-    _, vjp = torch.func.vjp(f, model_output)
-    (g,) = vjp(grad.to(torch.float32))
-    return g, None, None, None, None, None, None
+    out = [None] * 7
+    if wanted:
+        _, vjp = torch.func.vjp(f, *(primals[i] for i in wanted))
+        for i, g in zip(wanted, vjp(grad.to(torch.float32))):
+            out[i] = g
+    return tuple(out)
 
 
 vlb_loss.register_autograd(_backward, setup_context=_setup_context)
