@@ -7,8 +7,8 @@ Two libraries are built from ``csrc/`` (listed in ``csrc/sources.txt``) with
 * ``_C_cuda``: the CUDA kernels, registered for the CUDA dispatch key (where torch has CUDA and nvcc
   is found). It is a separate library so that a CUDA failure leaves the CPU kernels built.
 
-Each build lives in a persistent folder per torch install, ``<root>/<tag>/`` (tag: torch version,
-Python version and a hash of torch's location), so a rebuild recompiles only the sources that
+Each build lives in a persistent folder per torch build, ``<root>/<tag>/`` (tag: torch's version
+and commit, and the Python version), so a rebuild recompiles only the sources that
 changed, and an unchanged tree is not rebuilt at all (a record of the sources' hash says so).
 ``<root>`` is ``$DDPM_FAST_CACHE`` if set, else ``build/native`` of a source checkout, else
 ``~/.cache/ddpm_fast`` (``$XDG_CACHE_HOME``) for an installed wheel, whose sources ship inside the
@@ -138,14 +138,16 @@ def torch_facts() -> dict:
     import torch
 
     return {"torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
+            "torch_git": (getattr(torch.version, "git_version", None) or "unknown")[:10],
             "torch_dir": os.path.dirname(os.path.abspath(torch.__file__)),
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "openmp": "OpenMP" in torch.__config__.parallel_info()}
 
 
 def tag(facts: dict) -> str:
-    where = hashlib.sha256(facts["torch_dir"].encode()).hexdigest()[:8]
-    return f"torch{facts['torch_version']}-py{facts['python'].replace('.', '')}-{where}"
+    """One build folder per torch build (version and commit) and Python version: every venv with
+    that same torch wheel shares it (their libraries are interchangeable), another torch never."""
+    return f"torch{facts['torch_version']}-{facts['torch_git']}-py{facts['python'].replace('.', '')}"
 
 
 def build_root(root: str) -> str:
@@ -307,7 +309,8 @@ def part_is_current(record: dict, part: str, facts: dict, sha: Optional[str], cu
     """Whether ``record`` holds a usable build (or a failure worth not retrying) of ``part`` for this
     torch and these sources."""
     entry = record.get(part) or {}
-    if record.get("torch_version") != facts["torch_version"] or not entry.get("attempted"):
+    if (record.get("torch_version"), record.get("torch_git", facts["torch_git"])) != (
+            facts["torch_version"], facts["torch_git"]) or not entry.get("attempted"):
         return False
     if sha is not None and record.get("sources_sha") not in (None, sha):
         return False
@@ -341,6 +344,8 @@ def _build_part(spec: dict, logfile: str) -> dict:
     spec_file = os.path.join(spec["build_directory"], "spec.json")
     write_json(spec_file, spec)
     env = dict(os.environ, **spec.get("env", {}))
+    # pip's ninja (a dependency) sits next to this interpreter, on the PATH only in an activated venv
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     # run this file by path from the build folder: the package (whose triton/ would shadow the
     # real triton) is not on the child's sys.path, and only the standard library and torch load
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('ddpm_fast_build', sys.argv[1]); "
@@ -389,7 +394,8 @@ def build(root: Optional[str] = None, *, want_cuda: Optional[bool] = None, at_in
     sha = sources_sha(root)
     with _lock(os.path.join(bdir, ".lock")):
         record = read_json(os.path.join(bdir, RECORD))
-        if record.get("sources_sha") != sha or record.get("torch_version") != facts["torch_version"]:
+        if record.get("sources_sha") != sha or record.get("torch_version") != facts["torch_version"] \
+                or record.get("torch_git") != facts["torch_git"]:
             record = {}
         record.update(facts, sources_sha=sha, version=version(), build_dir=bdir, source_root=root)
 

@@ -152,11 +152,12 @@ def _load_cuda(root, sha, record, jit, origin, no_jit) -> None:
     the first-use build made, or a first-use build of it alone; a failure leaves the CPU part."""
     if origin["cpu"] == "installed":
         path, why = _installed(record, "cuda", sha)
-        entry = {"built": True, "path": path} if path else {"built": False, "why": why,
-                                                             "error": (record.get("cuda") or {}).get("error")}
+        installed = record.get("cuda") or {}
+        entry = {"built": True, "path": path, "archs": installed.get("archs")} if path else {
+            "built": False, "why": why, "error": installed.get("error")}
         src = "installed"
         if path is None and root is not None and not no_jit and _cuda_wanted_now() \
-                and not (record.get("cuda") or {}).get("attempted"):
+                and not installed.get("attempted"):
             try:
                 entry = _build.build(root, want_cuda=None, parts=("cuda",)).get("cuda", {})
             except Exception as e:
