@@ -115,7 +115,11 @@ class BuildNative(build_ext):
             self.inplace = inplace
 
     def _write_record(self, directory):
-        rec = dict(self._record, origin="install")
+        failed = [f"{p}: {self._record[p].get('error')}" for p in ("cpu", "cuda")
+                  if (self._record.get(p) or {}).get("attempted") and not self._record[p].get("built")]
+        # "built"/"error" summarise the parts for readers of the older one-part record
+        rec = dict(self._record, origin="install", built=bool((self._record.get("cpu") or {}).get("built")),
+                   error="; ".join(failed) or None)
         for ext in self.extensions:
             entry = dict(rec.get(ext.part, {}))
             if entry.get("built"):

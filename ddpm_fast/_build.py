@@ -368,7 +368,8 @@ def _error_summary(logfile: str, rc: int) -> str:
             tail = f.read().split("==== building")[-1]
     except OSError:
         tail = ""
-    lines = [ln for ln in tail.splitlines() if re.search(r"error|Error|cannot find|undefined", ln)]
+    pattern = r"error:|error |FAILED:|cannot find|undefined reference|No such file|no known rule|Error building"
+    lines = [ln for ln in tail.splitlines() if len(ln) < 400 and re.search(pattern, ln)]
     what = "; ".join(dict.fromkeys(ln.strip() for ln in lines[:4]))[:600] or f"exit code {rc}"
     return f"{what} (full output: {logfile})"
 

@@ -74,7 +74,7 @@ class Lane:
         return self.run(step, [self.py, "-c", code], cwd=cwd, env=env, timeout=timeout, check=check)
 
     def versions(self):
-        out = self.python("versions", "import pip, setuptools; print(pip.__version__, setuptools.__version__)")
+        out = self.python("versions", "from importlib.metadata import version as v; print(v('pip'), v('setuptools'))")
         pip_v, st_v = out.stdout.split()[-2:]
         return pip_v, st_v
 
