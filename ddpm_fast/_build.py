@@ -368,9 +368,12 @@ def _error_summary(logfile: str, rc: int) -> str:
             tail = f.read().split("==== building")[-1]
     except OSError:
         tail = ""
-    pattern = r"error:|error |FAILED:|cannot find|undefined reference|No such file|no known rule|Error building"
-    lines = [ln for ln in tail.splitlines() if len(ln) < 400 and re.search(pattern, ln)]
-    what = "; ".join(dict.fromkeys(ln.strip() for ln in lines[:4]))[:600] or f"exit code {rc}"
+    # the compiler's and linker's complaints, then the exception that ended the child
+    tool = r"error:|FAILED:|cannot find|undefined reference|No such file|no known rule|fatal"
+    lines = [ln.strip() for ln in tail.splitlines() if len(ln) < 400 and not ln.startswith(" ") and re.search(tool, ln)]
+    exc = [ln.strip() for ln in tail.splitlines() if re.match(r"^[A-Za-z_.]*(Error|Exception)(:|$)", ln)]
+    picked = [ln for ln in lines if not ln.startswith("FAILED:")][:3] + exc[-1:]
+    what = "; ".join(dict.fromkeys(picked))[:700] or f"exit code {rc}"
     return f"{what} (full output: {logfile})"
 
 

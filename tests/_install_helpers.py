@@ -5,6 +5,7 @@ The lanes install the project for real (minutes each), so they run where ``CI=tr
 environment) or ``DDPM_FAST_INSTALL_LANES=1``, and skip with that reason elsewhere.
 """
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ class Lane:
         self.base = str(base)
         self.venv = os.path.join(self.base, "venv")
         self.py = os.path.join(self.venv, "bin", "python")
-        self.timings = {}
+        self.timings = {}  # wall seconds per step
+        self.cpu = {}  # CPU seconds (user + system, all descendants) per step: the machine's load does not inflate them
         self.env = dict(os.environ)
         for var in ("PYTHONPATH", "DDPM_FAST_SKIP_NATIVE", "DDPM_FAST_NO_JIT", "PIP_REQUIRE_VIRTUALENV",
                     "VIRTUAL_ENV", "DDPM_FAST_BACKEND", "TRITON_INTERPRET"):
@@ -60,12 +62,13 @@ class Lane:
         return self
 
     def run(self, step, cmd, *, cwd=None, env=None, timeout=1800, check=True, shell=False):
-        t0 = time.time()
+        t0, c0 = time.time(), _children_cpu()
         proc = subprocess.run(cmd, cwd=cwd or self.base, env=dict(self.env, **(env or {})), shell=shell,
                               executable="/bin/bash" if shell else None, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
         self.timings[step] = round(time.time() - t0, 1)
-        print(f"[lane] {step}: {self.timings[step]} s (exit {proc.returncode})")
+        self.cpu[step] = round(_children_cpu() - c0, 1)
+        print(f"[lane] {step}: {self.timings[step]} s wall, {self.cpu[step]} s CPU (exit {proc.returncode})")
         if check and proc.returncode != 0:
             pytest.fail(f"{step}: {cmd if shell else ' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-8000:]}")
         return proc
@@ -80,6 +83,11 @@ class Lane:
 
     def remove(self):
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def last_lines(path, n=60):

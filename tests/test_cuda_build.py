@@ -61,6 +61,6 @@ def test_lane_cuda_torch_builds_cpu_and_cuda_parts_for_sm90(tmp_path):
         assert all(has.values()), f"ops without a CUDA kernel: {has}"
         lane.run("info", [lane.py, "-m", "ddpm_fast", "info"], cwd=tree)
         print(f"[lane] CUDA build: torch {torch_version} (CUDA {torch_cuda}); CPU part {record['cpu']['seconds']} s, "
-              f"CUDA part {record['cuda']['seconds']} s; timings (s): {lane.timings}")
+              f"CUDA part {record['cuda']['seconds']} s; timings (s): {lane.timings}; CPU (s): {lane.cpu}")
     finally:
         lane.remove()

@@ -220,7 +220,7 @@ def lane(tmp_path_factory):
     lane.cache = os.path.join(lane.base, "cache")  # a build of its own: nothing is reused from this env
     lane.env["DDPM_FAST_CACHE"] = lane.cache
     yield lane
-    print(f"[lane] pip {lane.pip}, setuptools {lane.setuptools}; timings (s): {lane.timings}")
+    print(f"[lane] pip {lane.pip}, setuptools {lane.setuptools}; timings (s): {lane.timings}; CPU (s): {lane.cpu}")
     lane.remove()
 
 
