@@ -29,10 +29,6 @@ def _x0_hat_like(x_t, return_x0):
     return x_t.new_empty((0,))
 
 
-def _compute_dtype(*xs):
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 # ---- fake implementations ----------------------------------------------------------------------
 @torch.library.register_fake(f"{_LIB}::gaussian_noise")
 def _(shape, seed, offset, dtype):
@@ -84,7 +80,7 @@ def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped
 
 @torch.library.register_fake(f"{_LIB}::diffusion_loss")
 def _(model_output, x0, t, alphas_cumprod, noise, seed, offset, target, snr_gamma):
-    return x0.new_empty((x0.shape[0],), dtype=_compute_dtype(model_output, x0))
+    return x0.new_empty((x0.shape[0],), dtype=R.compute_dtype(model_output, x0))
 
 
 @torch.library.register_fake(f"{_LIB}::diffusion_loss_backward")
@@ -94,7 +90,7 @@ def _(grad, model_output, x0, t, alphas_cumprod, noise, seed, offset, target, sn
 
 @torch.library.register_fake(f"{_LIB}::vlb_loss")
 def _(model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type):
-    return x0.new_empty((x0.shape[0],), dtype=_compute_dtype(model_output, x0, x_t))
+    return x0.new_empty((x0.shape[0],), dtype=R.compute_dtype(model_output, x0, x_t))
 
 
 # ---- autograd ------------------------------------------------------------------------------------
