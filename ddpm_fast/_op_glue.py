@@ -141,11 +141,11 @@ def _register_step(ns: str, name: str, spec: StepSpec):
     torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
 
 
-def register_step_glue(ns: str):
+def register_step_glue(ns: str, names=tuple(STEPS)):
     """Fakes of ``<ns>::<step>`` and ``<ns>::<step>_out`` and the reference-VJP autograd of
-    ``<ns>::<step>``, for the three steps."""
-    for name, spec in STEPS.items():
-        _register_step(ns, name, spec)
+    ``<ns>::<step>``, for the steps ``names`` (default: the three)."""
+    for name in names:
+        _register_step(ns, name, STEPS[name])
 
 
 def register_vlb_glue(ns: str):

@@ -161,20 +161,6 @@ def run_step_op(op, out_op, args, *, model_output, x_t, return_x0, out):
     return x, (x0_hat if return_x0 else None)
 
 
-def step_vjp(f, model_output, x_t, grad_x, grad_x0):
-    """(grad model_output, grad x_t) of a step ``f(model_output, x_t) -> (x, x0_hat)``; an absent or
-    empty grad_x0 (x0_hat not returned) counts as zeros."""
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    return vjp((grad_x, g0))
-
-
-def fake_step_outputs(x_t, return_x0):
-    """The (x, x0_hat) a step returns, for register_fake: x_t's shape; x0_hat empty unless asked for."""
-    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
-
-
 def num_blocks(N: int, block: int) -> int:
     return max(1, triton.cdiv(N, block))
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_glue import register_step_glue
 from . import _helpers as H
 
 
@@ -124,13 +125,6 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
     return out, x0_hat
 
 
-@ddim_step.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return H.fake_step_outputs(x_t, return_x0)
-
-
 @H.register_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
 def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
                   alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
@@ -144,37 +138,6 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                    clip_sample_range=clip_sample_range, thresholding=thresholding,
                    dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
                    guidance_scale=guidance_scale, return_x0=return_x0, allow_tune=False)
-
-
-@ddim_step_out.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    return H.fake_step_outputs(x_t, return_x0)[1]
-
-
-_STEP_NAMES = ("eta", "prediction_type", "use_clipped_model_output", "final_alpha_cumprod", "clip_sample",
-               "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-               "guidance_scale")
-
-
-def _step_setup(ctx, inputs, output):
-    ctx.opts = dict(zip(_STEP_NAMES, inputs[8:18]))
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
-
-
-def _step_backward(ctx, grad_prev, grad_x0):
-    from .. import reference as R
-    model_output, t, prev_t, x_t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo, xt):
-        return R.ddim_step(mo, t, prev_t, xt, alphas_cumprod, None, **ctx.opts)
-
-    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_prev, grad_x0)
-    return (g_mo, None, None, g_xt) + (None,) * 15
-
-
-ddim_step.register_autograd(_step_backward, setup_context=_step_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,12 +166,6 @@ def ddim_reverse_step(model_output: torch.Tensor, t: torch.Tensor, next_t: torch
     return out, x0_hat
 
 
-@ddim_reverse_step.register_fake
-def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return H.fake_step_outputs(x_t, return_x0)
-
-
 @H.register_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
 def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
                           alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
@@ -221,34 +178,8 @@ def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: t
                                      return_x0, False))
 
 
-@ddim_reverse_step_out.register_fake
-def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0,
-      out):
-    return H.fake_step_outputs(x_t, return_x0)[1]
-
-
-_REV_NAMES = ("prediction_type", "use_clipped_model_output", "clip_sample", "clip_sample_range", "thresholding",
-              "dynamic_thresholding_ratio", "sample_max_value", "guidance_scale")
-
-
-def _reverse_setup(ctx, inputs, output):
-    ctx.opts = dict(zip(_REV_NAMES, inputs[5:13]))
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
-
-
-def _reverse_backward(ctx, grad_next, grad_x0):
-    from .. import reference as R
-    model_output, t, next_t, x_t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo, xt):
-        return R.ddim_reverse_step(mo, t, next_t, xt, alphas_cumprod, **ctx.opts)
-
-    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_next, grad_x0)
-    return (g_mo, None, None, g_xt) + (None,) * 10
-
-
-ddim_reverse_step.register_autograd(_reverse_backward, setup_context=_reverse_setup)
+# fakes and autograd of both steps (the vjp of the reference step): the shared glue
+register_step_glue("ddpm_fast_triton", ("ddim_step", "ddim_reverse_step"))
 
 
 # --------------------------------------------------------------------------------------------

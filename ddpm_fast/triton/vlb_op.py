@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_glue import register_vlb_glue
 from . import _helpers as H
 
 LOG2 = math.log(2.0)
@@ -118,27 +119,5 @@ def vlb_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t:
     return partials.sum(dim=1) / N / LOG2
 
 
-@vlb_loss.register_fake
-def _(model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type):
-    return x0.new_empty((x0.shape[0],), dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.prediction_type, ctx.variance_type = inputs[5], inputs[6]
-
-
-def _backward(ctx, grad):
-    from .. import reference as R
-    model_output, x0, x_t, t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo):
-        return R.vlb_terms(mo, x0, x_t, t, alphas_cumprod, prediction_type=ctx.prediction_type,
-                           variance_type=ctx.variance_type)
-
-    _, vjp = torch.func.vjp(f, model_output)
-    (g,) = vjp(grad.to(torch.float32))
-    return g, None, None, None, None, None, None
-
-
-vlb_loss.register_autograd(_backward, setup_context=_setup_context)
+# fake and autograd (the vjp of the reference): the shared glue
+register_vlb_glue("ddpm_fast_triton")

@@ -10,6 +10,7 @@ imported them). On CPU it needs TRITON_INTERPRET=1; on a CUDA machine it runs th
 on the GPU (and the GPU-only tests at the bottom)."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -40,6 +41,7 @@ from parity_cases import SCHED as SCHEDULE, SHAPE, VARIANCES, Lane, seeded_step_
 
 DEVICE = torch.device("cuda" if (CUDA and not INTERPRET) else "cpu")
 TRITON = Lane("triton", DEVICE, large=not INTERPRET)
+importlib.import_module("ddpm_fast.triton")._load()  # registers torch.ops.ddpm_fast_triton (used directly below)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 gen, T = TRITON.gen, TRITON.T
 
