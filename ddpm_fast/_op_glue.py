@@ -58,8 +58,10 @@ def run_step(op, out_op, args: Tuple, *, model_output, x_t, return_x0: bool, out
     """A step through its op pair: ``out_op(*args, out=out)`` writing ``out`` in place (``out`` may
     be ``x_t``) when there is an ``out`` and no gradient is needed (and, unless ``strided_out``,
     ``out`` is contiguous); else the functional ``op(*args)`` (autograd-capable), its result copied
-    into ``out`` when given. Returns ``(x, x0_hat or None)``."""
-    if out is not None and not needs_graph(model_output, x_t) and (strided_out or out.is_contiguous()):
+    into ``out`` when given (always so without an ``out_op``: the reference backend). Returns
+    ``(x, x0_hat or None)``."""
+    if (out is not None and out_op is not None and not needs_graph(model_output, x_t)
+            and (strided_out or out.is_contiguous())):
         x0_hat = out_op(*args, out=out)
         return out, (x0_hat if return_x0 else None)
     x, x0_hat = op(*args)

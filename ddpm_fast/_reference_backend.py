@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import reference as R
+from ._op_glue import run_step
 from .noise import gaussian_noise_reference
 
 NAME = "reference"
@@ -33,13 +34,6 @@ def _noise(noise, seed, offset, shape, device):
                                     dtype=torch.float64)
 
 
-def _write(out, x):
-    if out is None:
-        return x
-    out.copy_(x)
-    return out
-
-
 def gaussian_noise(shape, seed, offset, dtype):
     return gaussian_noise_reference(shape, _seed_arg(seed), offset.reshape(()), device=seed.device, dtype=dtype)
 
@@ -49,21 +43,25 @@ def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     return R.q_sample(x0, R.abar_at(alphas_cumprod, t), eps)
 
 
-def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
+def _step(fn, opts, out):
+    return run_step(fn, None, (), model_output=None, x_t=None, return_x0=opts.return_x0, out=out)
+
+
+def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device)
-    x_prev, x0_hat = R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+    return _step(lambda: R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
+                 opts, out)
 
 
-def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
-    eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if opts["eta"] > 0 else None
-    x_prev, x0_hat = R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
+    eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if own["eta"] > 0 else None
+    return _step(lambda: R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
+                 opts, out)
 
 
-def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, return_x0, out, **opts):
-    x_next, x0_hat = R.ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, **opts)
-    return _write(out, x_next), (x0_hat if return_x0 else None)
+def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, opts, out, **own):
+    return _step(lambda: R.ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, **own, **opts.math()),
+                 opts, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):

@@ -142,25 +142,6 @@ def _wrap(kernel):
     return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
 
 
-def needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
-def run_step_op(op, out_op, args, *, model_output, x_t, return_x0, out):
-    """The backend entry point of a step: the functional ``op(*args)`` (autograd-capable) when there is
-    no ``out``, when a gradient is needed or when ``out`` is strided (its result then copied into
-    ``out``); else ``out_op(*args, out)`` writing ``out`` directly. Returns (x, x0_hat or None)."""
-    if out is None or needs_grad(model_output, x_t) or not out.is_contiguous():
-        x, x0_hat = op(*args)
-        if out is not None:
-            out.copy_(x)
-            x = out
-    else:
-        x0_hat = out_op(*args, out)
-        x = out
-    return x, (x0_hat if return_x0 else None)
-
-
 def num_blocks(N: int, block: int) -> int:
     return max(1, triton.cdiv(N, block))
 

@@ -180,27 +180,3 @@ def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: t
 
 # fakes and autograd of both steps (the vjp of the reference step): the shared glue
 register_step_glue("ddpm_fast_triton", ("ddim_step", "ddim_reverse_step"))
-
-
-# --------------------------------------------------------------------------------------------
-# backend entry points
-# --------------------------------------------------------------------------------------------
-def run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
-             use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-             dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-            use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-            dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_step, torch.ops.ddpm_fast_triton.ddim_step_out, args,
-                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)
-
-
-def run_reverse(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
-                clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                guidance_scale, return_x0, out):
-    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-            clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
-            return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_reverse_step,
-                         torch.ops.ddpm_fast_triton.ddim_reverse_step_out, args, model_output=model_output,
-                         x_t=x_t, return_x0=return_x0, out=out)

@@ -146,16 +146,3 @@ def ddpm_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
 
 # fakes and autograd (the vjp of the reference step): the shared glue
 register_step_glue("ddpm_fast_triton", ("ddpm_step",))
-
-
-# --------------------------------------------------------------------------------------------
-# the backend entry point
-# --------------------------------------------------------------------------------------------
-def run(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type, variance_type,
-        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-        guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-            guidance_scale, return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddpm_step, torch.ops.ddpm_fast_triton.ddpm_step_out, args,
-                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)
