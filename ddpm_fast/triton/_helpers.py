@@ -233,12 +233,14 @@ def sqrt64(x):
 
 
 @triton.jit
-def to_dtype(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even. Compiled kernels get it from ``.to``;
-    the interpreter truncates fp32 -> bf16 (numpy has no bf16), so there the value is first rounded
-    to the nearest bf16 in fp32 bits (ties to even, NaN kept) and the truncation is then exact."""
+def to_dtype(x, dtype: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. Kernels compiled for CUDA with libdevice
+    (``USE_LIBDEVICE``, see :func:`use_libdevice`) get it from ``.to``; the interpreter truncates
+    fp32 -> bf16 (numpy has no bf16), so elsewhere the value is first rounded to the nearest bf16
+    in fp32 bits (ties to even, NaN kept) and the truncation is then exact (on a compiled kernel
+    without libdevice this gives the same result as ``.to``)."""
     if dtype == tl.bfloat16:
-        if not COMPILED:
+        if not USE_LIBDEVICE:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
@@ -387,8 +389,9 @@ def f64_from_pair(hi, lo):
 
 
 @triton.jit
-def abar_at(abar_ptr, t, past_end, T):
-    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0, NaN where t >= T (a
+def abar_or_past_end(abar_ptr, t, past_end, T):
+    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0 (the step past the end:
+    1 for DDPM, final_alpha_cumprod for DDIM), NaN where t >= T (a
     device-tensor timestep out of range poisons its row instead of reading out of bounds; the
     host-side check is ops.py's, opt-in for device tensors)."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
@@ -396,8 +399,8 @@ def abar_at(abar_ptr, t, past_end, T):
 
 
 @triton.jit
-def abar_of(abar_ptr, t, T):
-    """abar[t] in float64, NaN unless 0 <= t < T."""
+def abar_in_table(abar_ptr, t, T):
+    """abar[t] in float64 for a timestep that must lie in the table: NaN unless 0 <= t < T."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
     return tl.where((t >= 0) & (t < T), a, float("nan"))
 

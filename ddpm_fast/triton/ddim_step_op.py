@@ -30,12 +30,12 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
-    abar = H.abar_of(abar_ptr, t, T)
+    abar = H.abar_in_table(abar_ptr, t, T)
     # Python floats reach kernels as fp32: eta and final_alpha_cumprod travel as (hi, lo) fp32 pairs
     # and are rebuilt in float64 (fp32 alone would put 6e-8 relative error on abar_prev, i.e. up to
     # ~6e-4 on 1 - abar_prev near t = 0)
     eta = H.f64_from_pair(eta_hi, eta_lo)
-    abar_prev = H.abar_at(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo), T)
+    abar_prev = H.abar_or_past_end(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 

@@ -37,8 +37,8 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
     # per-row coefficients in float64 (REFERENCE §1), rounded to fp32 for the element math
-    abar = H.abar_of(abar_ptr, t, T)
-    abar_prev = H.abar_at(abar_ptr, prev_t, 1.0, T)
+    abar = H.abar_in_table(abar_ptr, t, T)
+    abar_prev = H.abar_or_past_end(abar_ptr, prev_t, 1.0, T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 

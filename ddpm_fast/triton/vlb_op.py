@@ -40,8 +40,8 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
                 BLOCK: tl.constexpr):
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
-    abar = H.abar_of(abar_ptr, t, T)
-    abar_prev = H.abar_at(abar_ptr, t - 1, 1.0, T)
+    abar = H.abar_in_table(abar_ptr, t, T)
+    abar_prev = H.abar_or_past_end(abar_ptr, t - 1, 1.0, T)
     beta = 1.0 - abar / abar_prev
     coef_x0 = (beta * H.sqrt64(abar_prev) / (1.0 - abar)).to(tl.float32)
     coef_xt = ((1.0 - abar_prev) * H.sqrt64(abar / abar_prev) / (1.0 - abar)).to(tl.float32)
@@ -50,8 +50,8 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
         t1 = tl.maximum(t, 1)
     else:
         t1 = t
-    a1 = H.abar_at(abar_ptr, t1, 1.0, T)
-    a1_prev = H.abar_at(abar_ptr, t1 - 1, 1.0, T)
+    a1 = H.abar_or_past_end(abar_ptr, t1, 1.0, T)
+    a1_prev = H.abar_or_past_end(abar_ptr, t1 - 1, 1.0, T)
     var_clipped = (1.0 - a1 / a1_prev) * (1.0 - a1_prev) / (1.0 - a1)
     logvar_clipped = H.log_f(tl.maximum(var_clipped, 1e-20), USE_LIBDEVICE)
     log_beta = H.log_f(beta, USE_LIBDEVICE)
