@@ -47,9 +47,13 @@ class StepOptions:
     @classmethod
     def from_config(cls, config: Any, **overrides) -> "StepOptions":
         """The clipping and thresholding options of a scheduler config (a mapping or an object with
-        those attributes, as diffusers' ``FrozenDict``), plus ``overrides`` (e.g. ``guidance_scale``)."""
-        get = config.get if isinstance(config, Mapping) else (lambda k: getattr(config, k))
-        values = {k: get(k) for k in cls.CONFIG_FIELDS}
+        those attributes, as diffusers' ``FrozenDict``; an absent one takes its default, as for a
+        scheduler whose config has no thresholding), plus ``overrides`` (e.g. ``guidance_scale``)."""
+        defaults = cls()
+        if isinstance(config, Mapping):
+            values = {k: config.get(k, getattr(defaults, k)) for k in cls.CONFIG_FIELDS}
+        else:
+            values = {k: getattr(config, k, getattr(defaults, k)) for k in cls.CONFIG_FIELDS}
         values.update(overrides)
         return cls(**values)
 
@@ -62,6 +66,11 @@ class StepOptions:
     def schema_args(self) -> Tuple:
         """The options as the trailing positional arguments of a step op, in schema order."""
         return tuple(getattr(self, k) for k in self.SCHEMA_ORDER)
+
+    def clip_options(self) -> dict:
+        """The clipping and thresholding options (:data:`CONFIG_FIELDS`) as keywords of the public
+        step functions."""
+        return {k: getattr(self, k) for k in self.CONFIG_FIELDS}
 
     def math(self) -> dict:
         """The options that change a step's result (all but ``return_x0``), as keywords of the

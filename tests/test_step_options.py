@@ -28,6 +28,11 @@ def test_from_config_mapping_and_attributes_and_schema_round_trip():
     assert p.thresholding and p.sample_max_value == 3.0 and p.clip_sample is True
     assert StepOptions.from_schema_args(("x", 1, *o.schema_args())) == o
     assert "return_x0" not in o.math() and o.math()["guidance_scale"] == 4.0
+    # a config without thresholding fields (DDIMInverseScheduler's) takes the defaults
+    q = StepOptions.from_config({"clip_sample": False, "clip_sample_range": 2.0})
+    assert q == StepOptions(clip_sample=False, clip_sample_range=2.0)
+    assert q.clip_options() == dict(clip_sample=False, clip_sample_range=2.0, thresholding=False,
+                                    dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
 
 
 @pytest.mark.parametrize("name", list(STEPS))
