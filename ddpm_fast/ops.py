@@ -489,14 +489,14 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
 def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
                       use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
                       thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None, **unused):
+                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None,
+                      noise=None, seed=None, offset=None, final_alpha_cumprod=None):
     """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
-    larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
-    for k in unused:
-        if k not in ("noise", "seed", "offset", "final_alpha_cumprod"):
-            raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
-        if k in ("noise", "seed") and unused[k] is not None:
-            raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
+    larger timestep. Deterministic: ``eta`` must be 0, ``noise`` and ``seed`` None (these keywords,
+    ``offset`` and ``final_alpha_cumprod`` are accepted for symmetry with ``ddim_step`` and unused)."""
+    for name, value in (("noise", noise), ("seed", seed)):
+        if value is not None:
+            raise ValueError(f"{name} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output, x_t, schedule, opts, tt, t_host = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,
