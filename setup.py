@@ -146,7 +146,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "diffusers", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers", "matplotlib"],
         "triton": ["triton"],
         "plot": ["matplotlib"],
     },

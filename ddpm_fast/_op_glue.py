@@ -4,7 +4,8 @@
 * :func:`register_step_glue`: the fake (shape-only) implementations of the three steps and their
   ``_out`` variants, and their autograd as the vector-Jacobian product of the reference step
   (:mod:`ddpm_fast.reference`) recomputed from the saved inputs;
-* :func:`register_vlb_glue`: the same for ``vlb_loss`` (fake and reference VJP);
+* :func:`register_vlb_glue`: the same for ``vlb_loss`` (fake and reference VJP, in
+  ``model_output`` and, where they require grad, ``x0`` and ``x_t``);
 * :func:`run_step`: the backend entry point of a step, running the functional op or the ``_out`` op.
 
 A step op's arguments are ``(*tensors, *own options, *StepOptions.SCHEMA_ORDER)``: :data:`STEPS`
@@ -153,8 +154,9 @@ def register_step_glue(ns: str, names=tuple(STEPS)):
 
 
 def register_vlb_glue(ns: str):
-    """Fake and reference-VJP autograd (in ``model_output``) of ``<ns>::vlb_loss(model_output, x0,
-    x_t, t, alphas_cumprod, prediction_type, variance_type)``."""
+    """Fake and reference-VJP autograd (in ``model_output``, ``x0`` and ``x_t`` as they require
+    grad) of ``<ns>::vlb_loss(model_output, x0, x_t, t, alphas_cumprod, prediction_type,
+    variance_type)``."""
     def fake(model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type):
         return x0.new_empty((x0.shape[0],), dtype=R.compute_dtype(model_output, x0, x_t))
 
@@ -165,13 +167,23 @@ def register_vlb_glue(ns: str):
         ctx.opts = dict(prediction_type=prediction_type, variance_type=variance_type)
 
     def backward(ctx, grad):
+        """In model_output and, where they require grad, in x0 and x_t (as the reference: the true
+        posterior mean depends on both)."""
         model_output, x0, x_t, t, alphas_cumprod = ctx.saved_tensors
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        primals = (model_output, x0, x_t)
 
-        def fn(mo):
-            return (R.vlb_terms(mo, x0, x_t, t, alphas_cumprod, **ctx.opts),)
+        def fn(*args):
+            full = list(primals)
+            for i, a in zip(wanted, args):
+                full[i] = a
+            return (R.vlb_terms(*full, t, alphas_cumprod, **ctx.opts),)
 
-        (g_mo,) = _vjp(fn, (model_output,), (grad,))
-        return (g_mo,) + (None,) * (ctx.n_inputs - 1)
+        grads = _vjp(fn, tuple(primals[i] for i in wanted), (grad,)) if wanted else []
+        out = [None] * ctx.n_inputs
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
 
     torch.library.register_fake(f"{ns}::vlb_loss", fake)
     torch.library.register_autograd(f"{ns}::vlb_loss", backward, setup_context=setup)

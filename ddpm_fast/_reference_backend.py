@@ -34,29 +34,41 @@ def _noise(noise, seed, offset, shape, device):
                                     dtype=torch.float64)
 
 
+def _check_out_noise(out, noise):
+    """ops.py has checked ``out`` against x_t and model_output; a given noise tensor is checked
+    here (the reference computes before it writes, but the rule is every backend's: out may be
+    exactly an input, never part of one)."""
+    if out is not None and noise is not None and not torch.compiler.is_compiling():
+        from .ops import _same_view, _shares_memory
+        if not _same_view(out, noise) and _shares_memory(out, noise):
+            raise ValueError("out shares part of its memory with noise (a shifted or sliced view of the same "
+                             "storage): give out=noise itself, or a tensor of its own")
+
+
 def gaussian_noise(shape, seed, offset, dtype):
     return gaussian_noise_reference(shape, _seed_arg(seed), offset.reshape(()), device=seed.device, dtype=dtype)
 
 
 def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     eps = _noise(noise, seed, offset, x0.shape, x0.device)
-    return R.q_sample(x0, R.abar_at(alphas_cumprod, t), eps)
+    return R.q_sample(x0, R.abar_of(alphas_cumprod, t), eps)
 
 
-def _step(fn, opts, out):
+def _step(fn, opts, out, noise=None):
+    _check_out_noise(out, noise)
     return run_step(fn, None, (), model_output=None, x_t=None, return_x0=opts.return_x0, out=out)
 
 
 def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device)
     return _step(lambda: R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
-                 opts, out)
+                 opts, out, noise)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if own["eta"] > 0 else None
     return _step(lambda: R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
-                 opts, out)
+                 opts, out, noise)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, opts, out, **own):

@@ -13,6 +13,7 @@ uniforms and Box-Muller in float64 and rounds only the result.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence, Tuple
 
 import torch
@@ -87,12 +88,30 @@ def normals_at(index: torch.Tensor, seed, offset) -> torch.Tensor:
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
 
 
+def _shape_tuple(shape) -> Tuple[int, ...]:
+    """A shape as a tuple of ints, raising TypeError as torch does for floats, strings and bools
+    (``int(2.5)`` and ``int("2")`` would silently accept them)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__} {shape!r}")
+    dims = []
+    for i, s in enumerate(shape):
+        if isinstance(s, bool):
+            raise TypeError(f"shape must be a sequence of ints, got bool at position {i}")
+        try:
+            dims.append(operator.index(s))
+        except TypeError:
+            raise TypeError(f"shape must be a sequence of ints, got {type(s).__name__} at position {i}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must hold non-negative ints, got {tuple(dims)}")
+    return tuple(dims)
+
+
 def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=None,
                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """§3 noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
     per-row seeds (``i`` restarts in every row). ``offset``: int or 0-d int64 tensor. Computed in
     float64 by blocks of four normals and rounded once to ``dtype``."""
-    shape = tuple(int(s) for s in shape)
+    shape = _shape_tuple(shape)
     seed_t = torch.as_tensor(seed, dtype=torch.int64)
     if device is None:
         device = seed_t.device if seed_t.device.type != "cpu" else torch.device("cpu")

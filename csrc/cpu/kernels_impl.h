@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "ddpm_fast/common.h"
 #include "ddpm_fast/cpu_kernels.h"
@@ -231,8 +232,9 @@ static void gaussian_noise_kernel(const NoiseFillArgs& a, int64_t begin, int64_t
 template <typename R>
 static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
   R x[kChunk], z[kChunk], ca[kChunk], cb[kChunk];
-  int64_t cached_t = -1;
-  R sqrt_abar = 0, sqrt_one_minus_abar = 0;
+  // the cache starts at t = INT64_MIN, a timestep outside the table, with its (NaN) coefficients
+  int64_t cached_t = INT64_MIN;
+  R sqrt_abar = std::numeric_limits<R>::quiet_NaN(), sqrt_one_minus_abar = std::numeric_limits<R>::quiet_NaN();
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x0, a.x0_dtype, i, n);
@@ -240,7 +242,7 @@ static void q_sample_impl(const QSampleArgs& a, int64_t begin, int64_t end) {
     for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
       const int64_t t = a.t[row];
       if (t != cached_t) {
-        const double abar_t = a.abar[t];
+        const double abar_t = abar_of(a.abar, a.T, t);  // NaN outside the table
         sqrt_abar = static_cast<R>(std::sqrt(abar_t));
         sqrt_one_minus_abar = static_cast<R>(std::sqrt(1.0 - abar_t));
         cached_t = t;
@@ -423,8 +425,10 @@ static inline auto same_step_rows(const StepArgs& a, const R* row_threshold) {
 }
 
 // row_coefs(row): sets rc = make(t, prev_t) of the row, recomputed only when (t, prev_t) changes.
+// The cache starts at (INT64_MIN, INT64_MIN), a pair outside the table, with its (NaN) coefficients.
 template <typename Row, typename Make>
 static inline auto step_row_cache(const StepArgs& a, Row& rc, Make make) {
+  rc = make(INT64_MIN, INT64_MIN);
   return [&a, &rc, make, cached_t = INT64_MIN, cached_prev = INT64_MIN](int64_t row) mutable {
     const int64_t t = a.t[row], prev = a.prev_t[row];
     if (t != cached_t || prev != cached_prev) {
@@ -433,6 +437,37 @@ static inline auto step_row_cache(const StepArgs& a, Row& rc, Make make) {
       cached_prev = prev;
     }
   };
+}
+
+// Rows whose (t, prev_t) lies outside the table are NaN rows: their coefficients are NaN already,
+// which leaves only x0_hat of a sample prediction (or of a row with only prev_t outside) to fill.
+static inline bool step_row_ok(const StepArgs& a, int64_t row) {
+  const double past_end = a.kind == StepKind::kDdpm ? 1.0 : a.final_alpha_cumprod;
+  return step_row_in_table(a.abar, a.T, a.t[row], a.prev_t[row], past_end);
+}
+
+// Whether some row of the flat range [begin, end) is such a row (checked once per call, on the
+// integers alone: a vectorised pass; a negative prev_t is outside only where past_end is NaN).
+static inline bool any_row_outside_table(const StepArgs& a, int64_t begin, int64_t end) {
+  if (end <= begin) return false;
+  const double past_end = a.kind == StepKind::kDdpm ? 1.0 : a.final_alpha_cumprod;
+  const bool negative_prev_inside = past_end == past_end;
+  bool outside = false;
+  for (int64_t row = begin / a.N; row <= (end - 1) / a.N; ++row) {
+    const int64_t t = a.t[row], prev = a.prev_t[row];
+    outside |= (t < 0) | (t >= a.T) | (prev >= a.T) | ((prev < 0) & !negative_prev_inside);
+  }
+  return outside;
+}
+
+template <typename R>
+static void fill_rows_outside_table(const StepArgs& a, int64_t i, int64_t n, R* x0, R* out) {
+  for_each_run(i, n, a.N, [&](int64_t row, int64_t pos, int64_t, int64_t len) {
+    if (!step_row_ok(a, row)) {
+      fill(x0 + pos, len, std::numeric_limits<R>::quiet_NaN());
+      fill(out + pos, len, std::numeric_limits<R>::quiet_NaN());
+    }
+  });
 }
 
 static inline int clip_mode(const StepArgs& a) {
@@ -450,8 +485,9 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const auto same = same_step_rows(a, row_threshold);
   DdpmRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
-    return ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
+    return ddpm_row(abar_of(a.abar, a.T, t), abar_prev_of(a.abar, a.T, prev, 1.0), a.variance, t > 0);
   });
+  const bool rows_outside = any_row_outside_table(a, begin, end);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x_t, a.x_dtype, i, n);
@@ -511,6 +547,7 @@ static void ddpm_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
         ddpm_add_noise<R, false>(a.variance, n, mean, z, var, C{sig, 0}, C{lb, 0}, C{lbt, 0}, C{mask, 0});
       }
     }
+    if (rows_outside) fill_rows_outside_table(a, i, n, x0, mean);
     if (a.x0_hat != nullptr) store_chunk(a.x0_hat, a.x_dtype, i, x0, n);
     store_chunk(a.x_prev, a.x_dtype, i, mean, n);
   }
@@ -586,8 +623,9 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
   const auto same = same_step_rows(a, row_threshold);
   DdimRow rc{};
   auto row_coefs = step_row_cache(a, rc, [&](int64_t t, int64_t prev) {
-    return ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
+    return ddim_row(abar_of(a.abar, a.T, t), abar_prev_of(a.abar, a.T, prev, a.final_alpha_cumprod), a.eta);
   });
+  const bool rows_outside = any_row_outside_table(a, begin, end);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     load_chunk(x, a.x_t, a.x_dtype, i, n);
@@ -636,6 +674,7 @@ static void ddim_step_impl(const StepArgs& a, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < n; ++j) out[j] = out[j] + sig[j] * z[j];
       }
     }
+    if (rows_outside) fill_rows_outside_table(a, i, n, x0, out);
     if (a.x0_hat != nullptr) store_chunk(a.x0_hat, a.x_dtype, i, x0, n);
     store_chunk(a.x_prev, a.x_dtype, i, out, n);
   }
@@ -655,7 +694,7 @@ static void step_kernel(const StepArgs& a, int64_t begin, int64_t end) {
 template <typename R>
 static void step_abs_x0_impl(const StepArgs& a, int64_t b, R* dst) {
   R x[kChunk], pred[kChunk], var[kChunk], sa[kChunk], s1[kChunk];
-  const double abar_t = a.abar[a.t[b]];
+  const double abar_t = abar_of(a.abar, a.T, a.t[b]);
   const R sqrt_abar = static_cast<R>(std::sqrt(abar_t));
   const R sqrt_one_minus_abar = static_cast<R>(std::sqrt(1.0 - abar_t));
   fill(sa, kChunk, sqrt_abar);
@@ -685,7 +724,7 @@ static void loss_diff_chunk(const LossArgs& a, int64_t i, int64_t n, R* diff, R*
   for_each_span(i, n, a.N, [&](int64_t r0, int64_t r1) { return a.t[r0] == a.t[r1]; },
                 [&](int64_t row, int64_t pos, int64_t len) {
                   if (a.t[row] != *cached_t) {
-                    *rc = loss_row(a.abar[a.t[row]], a.target, a.min_snr, a.snr_gamma);
+                    *rc = loss_row(abar_of(a.abar, a.T, a.t[row]), a.target, a.min_snr, a.snr_gamma);
                     *cached_t = a.t[row];
                   }
                   fill(sa + pos, len, static_cast<R>(rc->sqrt_abar));
@@ -727,8 +766,8 @@ template <typename R>
 static void loss_forward_impl(const LossArgs& a, int64_t begin, int64_t end, double* row_sums) {
   R diff[kChunk];
   const int64_t first_row = begin / a.N;
-  int64_t cached_t = INT64_MIN;
-  LossRow rc{};
+  int64_t cached_t = INT64_MIN;  // a timestep outside the table, with its (NaN) row
+  LossRow rc = loss_row(nan64(), a.target, a.min_snr, a.snr_gamma);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     loss_diff_chunk(a, i, n, diff, static_cast<R*>(nullptr), &cached_t, &rc);
@@ -756,8 +795,8 @@ static void loss_backward_impl(const LossArgs& a, int64_t begin, int64_t end) {
   R diff[kChunk], w[kChunk], g[kChunk];
   const R* grad = static_cast<const R*>(a.grad);
   const R two_over_n = static_cast<R>(2.0 / static_cast<double>(a.N));
-  int64_t cached_t = INT64_MIN;
-  LossRow rc{};
+  int64_t cached_t = INT64_MIN;  // a timestep outside the table, with its (NaN) row
+  LossRow rc = loss_row(nan64(), a.target, a.min_snr, a.snr_gamma);
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     loss_diff_chunk(a, i, n, diff, w, &cached_t, &rc);

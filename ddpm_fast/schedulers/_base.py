@@ -117,10 +117,8 @@ def _draw_seed() -> int:
 
 
 def _norm_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    # cuda gets its current index; a device this torch cannot use is a ValueError naming `device`
+    return ops._check_device("device", device)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -324,7 +322,7 @@ class _FastSchedulerBase(*BASES):
     def _finish_set_timesteps(self, timesteps: List[int], device):
         self.timesteps = torch.tensor(timesteps, dtype=torch.int64)
         if device is not None:
-            self.timesteps = self.timesteps.to(device)
+            self.timesteps = self.timesteps.to(_norm_device(device))
         self._set_prev_table(timesteps)
         self._reset_noise(device)
 

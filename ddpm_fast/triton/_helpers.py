@@ -96,6 +96,8 @@ def launch_step(plain, tuned, *, B: int, N: int, device: torch.device, allow_tun
     from it; then the step itself. Kernel arguments are ``(*inputs, out, x0, *middle, thr, *tail)``."""
     thr = dummy(device)
     if thresholding:
+        if not sample_max_value > 0.0:  # s = clamp(q, 1, sample_max_value) divides x0_hat
+            raise ValueError(f"sample_max_value must be positive with thresholding, got {sample_max_value}")
         raw = torch.empty((B, N), device=device, dtype=torch.float32)
         launch(plain, tuned, B=B, N=N, device=device, allow_tune=True,
                args=(*inputs, raw, raw, *middle, thr, *tail), kwargs=dict(kwargs, RAW_X0=True, WRITE_X0=False))
@@ -140,6 +142,33 @@ def _wrap(kernel):
     """``torch.library.wrap_triton`` so that torch.compile traces the launch (a no-op wrapper in
     eager); the kernel itself where torch has no wrap_triton (its ops are custom_ops then)."""
     return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
+
+
+def check_out(out, **inputs):
+    """The ``_out`` ops' rule for ``out`` (ops.py's, docs/errors.md): not expanded, and exactly an
+    input (``out`` = ``x_t``) or disjoint from every input, never sharing part of one's memory.
+    Skipped while tracing (fake tensors have no memory; aliasing is then the compiler's)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from ..ops import _has_internal_overlap, _same_view, _shares_memory
+
+    if torch.compiler.is_compiling() or is_fake(out):
+        return
+    if _has_internal_overlap(out):
+        raise ValueError(f"out must not be expanded: several of its elements share one memory location (strides "
+                         f"{tuple(out.stride())})")
+    for name, x in inputs.items():
+        if x is not None and not _same_view(out, x) and _shares_memory(out, x):
+            raise ValueError(f"out shares part of its memory with {name} (a shifted or sliced view of the same "
+                             f"storage): give out={name} itself for an in-place update, or a tensor of its own")
+
+
+def abar_rows(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """abar[t] per row for the backward formulas (torch, not a kernel): float64, NaN where t lies
+    outside the table (no out-of-bounds index)."""
+    T = alphas_cumprod.numel()
+    inside = (t >= 0) & (t < T)
+    return torch.where(inside, alphas_cumprod[t.clamp(0, T - 1)], torch.full_like(alphas_cumprod[:1], float("nan")))
 
 
 def num_blocks(N: int, block: int) -> int:
@@ -339,13 +368,23 @@ def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
 
 @triton.jit
 def x0_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
-    """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
+    """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a) (0/0 at zero SNR is 0, its limit a -> 0+, as the
+    reference); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
     if PRED == 0:
-        return tl.div_rn(x - sqrt_1m_abar * pred, sqrt_abar)
+        num = x - sqrt_1m_abar * pred
+        return tl.where(num == 0.0, num, tl.div_rn(num, sqrt_abar))
     elif PRED == 1:
         return pred
     else:
         return sqrt_abar * x - sqrt_1m_abar * pred
+
+
+@triton.jit
+def eps_from_x0(x, x0, sqrt_abar, sqrt_1m_abar):
+    """(x_t - sqrt(a) x0)/sqrt(1-a), the signal term 0 at a = 0 even for an infinite x0 (the
+    reference's zero-SNR limit: 0 * inf would be NaN)."""
+    signal = tl.where(sqrt_abar == 0.0, 0.0, sqrt_abar * x0)
+    return tl.div_rn(x - signal, sqrt_1m_abar)
 
 
 @triton.jit
@@ -354,7 +393,7 @@ def eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
     if PRED == 0:
         return pred
     elif PRED == 1:
-        return tl.div_rn(x - sqrt_abar * pred, sqrt_1m_abar)
+        return eps_from_x0(x, pred, sqrt_abar, sqrt_1m_abar)
     else:
         return sqrt_abar * pred + sqrt_1m_abar * x
 

@@ -52,11 +52,13 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         elif CLIP:
             x0_hat = H.clamp_keep_nan(x0_hat, -clip_range, clip_range)
         if USE_CLIPPED:
-            eps_hat = tl.div_rn(x - sqrt_abar * x0_hat, sqrt_1m_abar)
-        # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row
-        # (0 when eta = 0: the inversion has abar_next < abar_t, where the second root is NaN)
-        sigma = tl.where(eta > 0, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))
+            eps_hat = H.eps_from_x0(x, x0_hat, sqrt_abar, sqrt_1m_abar)
+        # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row,
+        # only towards a less noisy state (abar_prev > abar_t); 0 elsewhere (the inversion, a final
+        # step with final_alpha_cumprod <= abar_t), where sigma^2 would be negative
+        sigma = tl.where(abar_prev > abar, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))
                          * H.sqrt64(tl.maximum(1.0 - abar / abar_prev, 0.0)), 0.0)
+        sigma = tl.where(eta > 0, sigma, 0.0)
         direction = H.sqrt64(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)).to(tl.float32)
         x_prev = H.sqrt64(abar_prev).to(tl.float32) * x0_hat + direction * eps_hat
         if NOISE_MODE != 0:
@@ -66,6 +68,8 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         x_prev = H.to_dtype(x_prev, out_ptr.dtype.element_ty, USE_LIBDEVICE)
         tl.store(out_ptr + row * N + cols, x_prev, mask=mask)
         if WRITE_X0:
+            # a row outside the table is NaN in every output (x_prev is already, by its coefficients)
+            x0_hat = tl.where(abar == abar, tl.where(abar_prev == abar_prev, x0_hat, float("nan")), float("nan"))
             x0_hat = H.to_dtype(x0_hat, x0_ptr.dtype.element_ty, USE_LIBDEVICE)
             tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
 
@@ -132,6 +136,7 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                   final_alpha_cumprod: float, clip_sample: bool, clip_sample_range: float, thresholding: bool,
                   dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
                   return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    H.check_out(out, x_t=x_t, model_output=model_output, noise=noise)
     return _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, eta=eta,
                    prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
                    final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
@@ -145,8 +150,9 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
 # --------------------------------------------------------------------------------------------
 def _reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
                     dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, allow_tune):
+    # final_alpha_cumprod NaN: a negative next_t (outside the table: next_t > t >= 0) gives a NaN row
     return dict(eta=0.0, prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
-                final_alpha_cumprod=1.0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                final_alpha_cumprod=float("nan"), clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                 sample_max_value=sample_max_value, guidance_scale=guidance_scale, return_x0=return_x0,
                 allow_tune=allow_tune)
@@ -172,6 +178,7 @@ def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: t
                           clip_sample: bool, clip_sample_range: float, thresholding: bool,
                           dynamic_thresholding_ratio: float, sample_max_value: float,
                           guidance_scale: Optional[float], return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    H.check_out(out, x_t=x_t, model_output=model_output)
     return _launch(model_output, t, next_t, x_t, alphas_cumprod, None, None, None, out,
                    **_reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range,
                                      thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,

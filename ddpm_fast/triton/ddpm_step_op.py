@@ -78,6 +78,8 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         x_prev = H.to_dtype(x_prev, out_ptr.dtype.element_ty, USE_LIBDEVICE)
         tl.store(out_ptr + row * N + cols, x_prev, mask=mask)
         if WRITE_X0:
+            # a row outside the table is NaN in every output (x_prev is already, by its coefficients)
+            x0_hat = tl.where(abar == abar, tl.where(abar_prev == abar_prev, x0_hat, float("nan")), float("nan"))
             x0_hat = H.to_dtype(x0_hat, x0_ptr.dtype.element_ty, USE_LIBDEVICE)
             tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
 
@@ -139,6 +141,7 @@ def ddpm_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                   sample_max_value: float, guidance_scale: Optional[float], return_x0: bool,
                   out: torch.Tensor) -> torch.Tensor:
     """As ddpm_step, x_prev written into ``out`` (contiguous, x_t's shape and dtype; may be x_t)."""
+    H.check_out(out, x_t=x_t, model_output=model_output, noise=noise)
     return _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, prediction_type,
                    variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
                    sample_max_value, guidance_scale, return_x0, False)

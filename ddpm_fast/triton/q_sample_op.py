@@ -63,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     t, alphas_cumprod = ctx.saved_tensors
     shape = (-1,) + (1,) * (grad.dim() - 1)
-    sqrt_abar = alphas_cumprod[t].sqrt().to(torch.float32).reshape(shape)
+    sqrt_abar = H.abar_rows(alphas_cumprod, t).sqrt().to(torch.float32).reshape(shape)   # NaN outside
     return (grad.to(torch.float32) * sqrt_abar).to(ctx.x0_dtype), None, None, None, None, None
 
 
