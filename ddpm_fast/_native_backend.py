@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _build
+from ._op_glue import run_step
 
 NAME = "native"
 
@@ -219,10 +220,6 @@ def _ops():
     return torch.ops.ddpm_fast
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-
-
 def gaussian_noise(shape, seed, offset, dtype):
     return _ops().gaussian_noise(list(shape), seed, offset, dtype)
 
@@ -231,42 +228,29 @@ def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     return _ops().q_sample(x0, t, alphas_cumprod, noise, seed, offset)
 
 
-def _step(functional, inplace, args, inputs, return_x0, out):
-    if out is not None and not _needs_graph(*inputs):
-        x0_hat = inplace(*args, out=out)
-        return out, (x0_hat if return_x0 else None)
-    x_prev, x0_hat = functional(*args)
-    if out is not None:
-        out.copy_(x_prev)
-        x_prev = out
-    return x_prev, (x0_hat if return_x0 else None)
+def _step(name, args, model_output, x_t, opts, out):
+    ops = _ops()
+    return run_step(getattr(ops, name), getattr(ops, name + "_out"), args + opts.schema_args(),
+                    model_output=model_output, x_t=x_t, return_x0=opts.return_x0, out=out)
 
 
 def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type, variance_type,
-              clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-              guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-            clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
-            float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddpm_step, _ops().ddpm_step_out, args, (model_output, x_t), return_x0, out)
+              opts, out):
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type)
+    return _step("ddpm_step", args, model_output, x_t, opts, out)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
-              use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
+              use_clipped_model_output, final_alpha_cumprod, opts, out):
     args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, float(eta), prediction_type,
-            use_clipped_model_output, float(final_alpha_cumprod), clip_sample, float(clip_sample_range), thresholding,
-            float(dynamic_thresholding_ratio), float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddim_step, _ops().ddim_step_out, args, (model_output, x_t), return_x0, out)
+            use_clipped_model_output, float(final_alpha_cumprod))
+    return _step("ddim_step", args, model_output, x_t, opts, out)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
-                      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                      guidance_scale, return_x0, out):
-    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-            float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio), float(sample_max_value),
-            guidance_scale, return_x0)
-    return _step(_ops().ddim_reverse_step, _ops().ddim_reverse_step_out, args, (model_output, x_t), return_x0, out)
+                      opts, out):
+    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output)
+    return _step("ddim_reverse_step", args, model_output, x_t, opts, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):

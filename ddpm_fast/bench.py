@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .nvtx import nvtx_range
+from .step_options import StepOptions
 
 __all__ = [
     "OPS", "TRAFFIC", "PROVIDERS", "LIBRARY_PROVIDERS", "DEFAULT_SHAPES", "CUDA_LARGE_SHAPE", "QUICK_SHAPES",
@@ -204,12 +205,10 @@ def _ddim_timesteps():
     return t, t - step
 
 
-_DDPM_OPTS = dict(prediction_type="epsilon", variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
-                  thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
-                  return_x0=False, out=None)
+# the public defaults (StepOptions()), as the backend functions take them
+_DDPM_OPTS = dict(prediction_type="epsilon", variance_type="fixed_small", opts=StepOptions(), out=None)
 _DDIM_OPTS = dict(eta=0.0, prediction_type="epsilon", use_clipped_model_output=False, final_alpha_cumprod=1.0,
-                  clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-                  sample_max_value=1.0, guidance_scale=None, return_x0=False, out=None)
+                  opts=StepOptions(), out=None)
 
 
 def _public_runner(op: str, backend: str, d: dict, shape, dtype, device) -> Callable[[], object]:
