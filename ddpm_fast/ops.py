@@ -17,24 +17,22 @@ compiled ops are registered as ``ddpm_fast::<op>``, the Triton ones as ``ddpm_fa
   shape ``(1,)`` (one seed) or ``(B,)`` (per-row seeds), or ``None``; ``offset``: a ``(1,)`` int64
   tensor on ``D`` (or ``None`` with ``seed``). At most one of ``noise``/``seed`` is given; neither
   means the op draws no noise (the dispatch layer has checked that none is needed);
-* options are plain Python values, already validated.
+* options are plain Python values, already validated; the seven every step shares (clipping,
+  thresholding, ``guidance_scale``, ``return_x0``) arrive whole as one
+  :class:`ddpm_fast.step_options.StepOptions` ``opts``, ``out`` apart.
 
 Signatures::
 
     gaussian_noise(shape, seed, offset, dtype) -> Tensor                 # on seed's device
     q_sample(x0, t, alphas_cumprod, noise, seed, offset) -> x_t          # grad in x0
     ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *,
-              prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
+              prediction_type, variance_type, opts, out)
         -> (x_prev, x0_hat or None)                                      # grad in model_output, x_t
     ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta,
-              prediction_type, use_clipped_model_output, final_alpha_cumprod, clip_sample,
-              clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-              guidance_scale, return_x0, out) -> (x_prev, x0_hat or None)
+              prediction_type, use_clipped_model_output, final_alpha_cumprod, opts, out)
+        -> (x_prev, x0_hat or None)
     ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type,
-              use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
-        -> (x_next, x0_hat or None)
+              use_clipped_model_output, opts, out) -> (x_next, x0_hat or None)
     diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target,
               snr_gamma) -> (B,) float32 per-sample losses               # grad in model_output
     vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type)
@@ -66,6 +64,7 @@ import torch
 from .backends import backends, resolve_backend
 from .nvtx import range_for_op
 from .schedule import NoiseSchedule
+from .step_options import StepOptions
 
 __all__ = [
     "gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
@@ -559,10 +558,10 @@ def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t
     _check_same_device(x_t.device, model_output=model_output)
     guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
     _sample_shape_checks(model_output, x_t, channels_factor=channels_factor, guidance=guidance_scale is not None)
-    opts = _threshold_args(*clip_opts)
-    opts["guidance_scale"] = guidance_scale
-    opts["return_x0"] = _check_bool("return_x0", return_x0)
-    opts["out"] = _check_out(out, x_t, model_output=model_output)
+    # the backends take the shared options whole (StepOptions) and out apart
+    opts = dict(opts=StepOptions(**_threshold_args(*clip_opts), guidance_scale=guidance_scale,
+                                 return_x0=_check_bool("return_x0", return_x0)),
+                out=_check_out(out, x_t, model_output=model_output))
     tt, t_host = _timesteps("t", t, x_t.shape[0], x_t.device, schedule.num_timesteps)
     return model_output, x_t, schedule, opts, tt, t_host
 
@@ -627,14 +626,14 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
 def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
                       use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
                       thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None, **unused):
+                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None,
+                      noise=None, seed=None, offset=None, final_alpha_cumprod=None):
     """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
-    larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
-    for k in unused:
-        if k not in ("noise", "seed", "offset", "final_alpha_cumprod"):
-            raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
-        if k in ("noise", "seed") and unused[k] is not None:
-            raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
+    larger timestep. Deterministic: ``eta`` must be 0, ``noise`` and ``seed`` None (these keywords,
+    ``offset`` and ``final_alpha_cumprod`` are accepted for symmetry with ``ddim_step`` and unused)."""
+    for name, value in (("noise", noise), ("seed", seed)):
+        if value is not None:
+            raise ValueError(f"{name} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output, x_t, schedule, opts, tt, t_host = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,

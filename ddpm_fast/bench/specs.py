@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..nvtx import nvtx_range
+from ..step_options import StepOptions
 
 SEED, OFFSET = 1234, 7
 DDPM_T = 500
@@ -231,12 +232,10 @@ Q_SAMPLE = OpSpec(
 # --------------------------------------------------------------------------------------------
 # the steps
 # --------------------------------------------------------------------------------------------
-_DDPM_OPTS = dict(prediction_type="epsilon", variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
-                  thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
-                  return_x0=False, out=None)
+# the public defaults (StepOptions()), as the backend functions take them
+_DDPM_OPTS = dict(prediction_type="epsilon", variance_type="fixed_small", opts=StepOptions(), out=None)
 _DDIM_OPTS = dict(eta=0.0, prediction_type="epsilon", use_clipped_model_output=False, final_alpha_cumprod=1.0,
-                  clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-                  sample_max_value=1.0, guidance_scale=None, return_x0=False, out=None)
+                  opts=StepOptions(), out=None)
 
 
 def _ddpm_public(backend, d, shape, dtype, device):

@@ -144,33 +144,6 @@ def _wrap(kernel):
     return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
 
 
-def needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
-def run_step_op(op, out_op, args, *, model_output, x_t, return_x0, out):
-    """The backend entry point of a step: the functional ``op(*args)`` (autograd-capable) when there is
-    no ``out``, when a gradient is needed or when ``out`` is strided (its result then copied into
-    ``out``); else ``out_op(*args, out)`` writing ``out`` directly. Returns (x, x0_hat or None)."""
-    if out is None or needs_grad(model_output, x_t) or not out.is_contiguous():
-        x, x0_hat = op(*args)
-        if out is not None:
-            out.copy_(x)
-            x = out
-    else:
-        x0_hat = out_op(*args, out)
-        x = out
-    return x, (x0_hat if return_x0 else None)
-
-
-def step_vjp(f, model_output, x_t, grad_x, grad_x0):
-    """(grad model_output, grad x_t) of a step ``f(model_output, x_t) -> (x, x0_hat)``; an absent or
-    empty grad_x0 (x0_hat not returned) counts as zeros."""
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    return vjp((grad_x, g0))
-
-
 def check_out(out, **inputs):
     """The ``_out`` ops' rule for ``out`` (ops.py's, docs/errors.md): not expanded, and exactly an
     input (``out`` = ``x_t``) or disjoint from every input, never sharing part of one's memory.
@@ -196,12 +169,6 @@ def abar_rows(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     T = alphas_cumprod.numel()
     inside = (t >= 0) & (t < T)
     return torch.where(inside, alphas_cumprod[t.clamp(0, T - 1)], torch.full_like(alphas_cumprod[:1], float("nan")))
-
-
-def fake_step_outputs(x_t, return_x0):
-    """The (x, x0_hat) a step returns, for register_fake: x_t's shape; x0_hat empty unless asked for."""
-    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
 
 
 def num_blocks(N: int, block: int) -> int:
@@ -295,12 +262,14 @@ def sqrt64(x):
 
 
 @triton.jit
-def to_dtype(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even. Compiled kernels get it from ``.to``;
-    the interpreter truncates fp32 -> bf16 (numpy has no bf16), so there the value is first rounded
-    to the nearest bf16 in fp32 bits (ties to even, NaN kept) and the truncation is then exact."""
+def to_dtype(x, dtype: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. Kernels compiled for CUDA with libdevice
+    (``USE_LIBDEVICE``, see :func:`use_libdevice`) get it from ``.to``; the interpreter truncates
+    fp32 -> bf16 (numpy has no bf16), so elsewhere the value is first rounded to the nearest bf16
+    in fp32 bits (ties to even, NaN kept) and the truncation is then exact (on a compiled kernel
+    without libdevice this gives the same result as ``.to``)."""
     if dtype == tl.bfloat16:
-        if not COMPILED:
+        if not USE_LIBDEVICE:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
@@ -459,8 +428,9 @@ def f64_from_pair(hi, lo):
 
 
 @triton.jit
-def abar_at(abar_ptr, t, past_end, T):
-    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0, NaN where t >= T (a
+def abar_or_past_end(abar_ptr, t, past_end, T):
+    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0 (the step past the end:
+    1 for DDPM, final_alpha_cumprod for DDIM), NaN where t >= T (a
     device-tensor timestep out of range poisons its row instead of reading out of bounds; the
     host-side check is ops.py's, opt-in for device tensors)."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
@@ -468,8 +438,8 @@ def abar_at(abar_ptr, t, past_end, T):
 
 
 @triton.jit
-def abar_of(abar_ptr, t, T):
-    """abar[t] in float64, NaN unless 0 <= t < T."""
+def abar_in_table(abar_ptr, t, T):
+    """abar[t] in float64 for a timestep that must lie in the table: NaN unless 0 <= t < T."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
     return tl.where((t >= 0) & (t < T), a, float("nan"))
 
