@@ -1,5 +1,5 @@
 """The "reference" backend: the interface of :mod:`ddpm_fast.ops` over :mod:`ddpm_fast.reference`
-(pure PyTorch, any device, differentiable through autograd). Noise from a seed is the float64 §3
+(pure PyTorch, any device, differentiable through autograd). Noise from a seed is the float64 docs/noise.md
 noise of :mod:`ddpm_fast.noise`, rounded once to the compute dtype."""
 from __future__ import annotations
 

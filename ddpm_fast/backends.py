@@ -21,7 +21,7 @@ _MODULES = {
     "native": "ddpm_fast._native_backend",
     "triton": "ddpm_fast.triton",
 }
-# Preference order of backend=None, per device type (REFERENCE §6).
+# Preference order of backend=None, per device type (docs/api.md).
 _PREFERENCE = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
 _loaded: Dict[str, object] = {}
 _load_errors: Dict[str, str] = {}

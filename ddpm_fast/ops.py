@@ -1,4 +1,4 @@
-"""The public functional API (REFERENCE §6) and the dispatch to backends.
+"""The public functional API (docs/api.md) and the dispatch to backends.
 
 Every public function validates its arguments here (clear ``ValueError``/``TypeError`` naming the
 argument), normalises them, picks a backend (:func:`ddpm_fast.backends.resolve_backend`) and calls
@@ -520,7 +520,7 @@ def _dtype_for_backend(*xs):
 @range_for_op("gaussian_noise")
 def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = torch.float32,
                    backend: Optional[str] = None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` under the §3 contract: a pure function of
+    """Standard normal noise of ``shape`` under the docs/noise.md contract: a pure function of
     ``(seed, offset, index)``. ``seed`` may be a ``(shape[0],)`` int64 tensor of per-row seeds."""
     shape = _check_shape(shape)
     if dtype not in _FLOAT_DTYPES:
@@ -537,7 +537,7 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
 @range_for_op("q_sample")
 def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=None, backend: Optional[str] = None):
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
-    the §3 noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
+    the docs/noise.md noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
     global indices: row ``b``'s noise keyed by ``(seed, offset, sample_index[b])``, see
     docs/distributed.md). Differentiable in ``x0``."""
     x0 = _check_tensor("x0", x0)

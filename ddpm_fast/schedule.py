@@ -1,4 +1,4 @@
-"""Noise schedules: float64 tables (REFERENCE §1) and timestep helpers (§2, §6).
+"""Noise schedules: float64 tables (docs/math.md) and timestep helpers (docs/math.md, docs/api.md).
 
 Every table is built once in float64 on the CPU; ``NoiseSchedule.to(device)`` returns a cached
 float64 copy on a device (never rounded to fp32: kernels compute per-row coefficients in float64
@@ -95,7 +95,7 @@ class _derived:
 
 
 class NoiseSchedule:
-    """The float64 tables of a DDPM noise schedule (REFERENCE §1).
+    """The float64 tables of a DDPM noise schedule (docs/math.md).
 
     Attributes (all 1-D float64 CPU tensors of length ``num_timesteps``): ``betas``, ``alphas``,
     ``alphas_cumprod`` (abar), ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``,

@@ -1,11 +1,11 @@
 """Training: :func:`training_loss` (fused q-sampling + fused loss, the noise regenerated from
-``(seed, offset)`` instead of stored), the §3 :class:`NoiseStream`, and the timestep samplers
+``(seed, offset)`` instead of stored), the docs/noise.md :class:`NoiseStream`, and the timestep samplers
 (:class:`UniformSampler`, improved DDPM's :class:`LossAwareSampler`).
 
 Reproducibility: one training step is a pure function of ``(seed, offset)`` (with ``offset`` the
 step counter) and the model/data. The timesteps are drawn on the CPU from a ``torch.Generator``
 seeded with ``splitmix64(seed, offset)`` (so they do not touch torch's global generator), then
-copied to the data's device; the noise is the §3 noise of ``(seed, offset)``. On a GPU
+copied to the data's device; the noise is the docs/noise.md noise of ``(seed, offset)``. On a GPU
 :func:`~ddpm_fast.q_sample` and :func:`~ddpm_fast.diffusion_loss` both regenerate it, so no noise
 tensor is kept between forward and backward; on a CPU (native backend), where generating the noise
 is the cost, the step draws it once and passes it to both (the same values, see ``_noise_once``).
@@ -209,7 +209,7 @@ def _unwrap(out) -> torch.Tensor:
 def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optional[str]):
     """The step's noise as a tensor, on the CPU with the native backend; else None (regenerate).
 
-    q_sample and the loss each regenerate the §3 noise of ``(seed, offset)``, and the loss backward
+    q_sample and the loss each regenerate the docs/noise.md noise of ``(seed, offset)``, and the loss backward
     a third time: free on a GPU, where memory traffic is the cost, but on a CPU the noise generation
     is the cost. There the step draws it once (``gaussian_noise``, the very values the kernels
     regenerate: they compute it in fp32 too, so the results are bit for bit those of the
@@ -233,7 +233,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
 
     1. ``t`` (B,) drawn by ``timestep_sampler`` (default uniform) from
        :func:`timestep_generator` ``(seed, offset)``, with importance weights ``w``;
-    2. ``x_t = q_sample(x0, t, schedule, seed=seed, offset=offset)`` (fused, noise from §3);
+    2. ``x_t = q_sample(x0, t, schedule, seed=seed, offset=offset)`` (fused, noise from docs/noise.md);
     3. ``out = model(x_t, timestep_map[t])`` (``t`` as the ORIGINAL training timesteps; the model
        may return a tensor, an object with ``.sample`` or a tuple);
     4. per-sample loss ``diffusion_loss(out, x0, t, ..., seed=seed, offset=offset)`` — the same

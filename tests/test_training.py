@@ -21,7 +21,7 @@ SCHED = NoiseSchedule.from_name("linear", 100, 1e-3, 0.2)
 
 
 def _manual(model, x0, schedule, seed, offset, target="epsilon"):
-    """The documented recipe, written out: t from timestep_generator(seed, offset), the §3 noise
+    """The documented recipe, written out: t from timestep_generator(seed, offset), the docs/noise.md noise
     of (seed, offset), x_t, the model, the per-sample MSE."""
     t, _ = UniformSampler(schedule.num_timesteps).sample(x0.shape[0], timestep_generator(seed, offset))
     eps = ddpm_fast.gaussian_noise(x0.shape, seed, offset, dtype=torch.float64)

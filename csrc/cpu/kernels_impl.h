@@ -6,7 +6,7 @@
 //
 // Work is split by flat element ranges of the B x N problem; a chunk may span rows, so row
 // coefficients are broadcast per element ("runs" of one row inside a chunk). They are computed in
-// double from abar[t], abar[prev_t] (REFERENCE §1) and cached while t and prev_t repeat.
+// double from abar[t], abar[prev_t] (docs/math.md) and cached while t and prev_t repeat.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -169,7 +169,7 @@ static inline void for_each_run(int64_t i, int64_t n, int64_t N, Fn&& fn) {
   }
 }
 
-// ---- §3 normals, vectorised ------------------------------------------------------------------
+// ---- docs/noise.md normals, vectorised ------------------------------------------------------------------
 #if defined(DDPM_CPU_PHILOX_AVX2)
 // Philox4x32-10 of the 8 blocks q_lo + k .. q_lo + k + 7 (high counter word q_hi) in two vectors of
 // four 64-bit lanes, interleaved so that the two dependency chains overlap. vpmuludq multiplies the
@@ -303,7 +303,7 @@ static void normals_any(float* out, uint64_t seed, uint64_t offset, uint64_t i0,
   }
 }
 
-// The chunk's noise in the compute type: the explicit tensor, or §3 normals of the flat range
+// The chunk's noise in the compute type: the explicit tensor, or docs/noise.md normals of the flat range
 // [i, i + n) (global index with one seed; index within the row with per-row seeds).
 template <typename R>
 static void chunk_noise(const NoiseArgs& na, int64_t N, int64_t i, int64_t n, R* z) {

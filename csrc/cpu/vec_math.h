@@ -1,7 +1,7 @@
 // Vectorisable fp32 log, sin/cos of 2 pi u and exp for the CPU kernels: branch-free code on
 // floats and integer bit patterns that GCC's auto-vectoriser turns into SIMD (glibc's libm calls
-// would keep the noise loops scalar, and -ffast-math / libmvec are not allowed by §3). Accuracy:
-// a few ulp, so the §3 normals agree with the float64 specification within ~1e-6.
+// would keep the noise loops scalar, and -ffast-math / libmvec are not allowed by docs/noise.md). Accuracy:
+// a few ulp, so the docs/noise.md normals agree with the float64 specification within ~1e-6.
 #pragma once
 
 #include "ddpm_fast/common.h"

@@ -107,7 +107,7 @@ class QSampleFunction : public torch::autograd::Function<QSampleFunction> {
 
 // The noise of a loss that records its backward, per device. CUDA: none kept; the backward kernel
 // regenerates it from (seed, offset) (memory traffic is the cost there, regenerating is free). CPU:
-// the noise generation is the cost, so the forward draws it once into an fp32 tensor (the §3
+// the noise generation is the cost, so the forward draws it once into an fp32 tensor (the docs/noise.md
 // normals of x0's shape, exactly what the kernels regenerate: they compute it in fp32 too) that
 // the forward and the backward both read. An explicit `noise`, target="sample" (no noise) and a
 // call that records no gradient keep the call as it came.

@@ -189,7 +189,7 @@ def _noise_randn(d, shape, dtype, device):
 
 GAUSSIAN_NOISE = OpSpec(
     name="gaussian_noise",
-    description="§3 noise of the sample's shape",
+    description="docs/noise.md noise of the sample's shape",
     traffic=Traffic(0, 1, "write the noise"),
     providers={**_with_library(_noise_public), "reference+compile": _noise_compiled, "torch.randn": _noise_randn},
     inputs=sample_inputs,

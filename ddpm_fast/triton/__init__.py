@@ -1,4 +1,4 @@
-"""The "triton" backend: Triton kernels for every op (REFERENCE §1, §3, §6), registered as
+"""The "triton" backend: Triton kernels for every op (docs/math.md, docs/noise.md, docs/api.md), registered as
 ``ddpm_fast_triton::<op>`` through ``torch.library.triton_op`` (``custom_op`` on a torch without it)
 with ``register_fake`` and autograd, so ``torch.compile`` traces them and CUDA graphs capture them.
 Ops: ``gaussian_noise``, ``q_sample``, ``ddpm_step``, ``ddim_step``, ``ddim_reverse_step`` (each step

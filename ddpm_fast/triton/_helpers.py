@@ -2,7 +2,7 @@
 
 Device side (``@triton.jit``):
 
-* the §3 noise: Philox4x32-10 words -> uniforms ``u(r) = ((r >> 9) + 0.5) * 2^-23`` -> Box-Muller
+* the docs/noise.md noise: Philox4x32-10 words -> uniforms ``u(r) = ((r >> 9) + 0.5) * 2^-23`` -> Box-Muller
   normals, through ``triton.language.random.philox(seed, c0, c1, c2, c3)`` with the four counter
   words as **uint32** tensors (``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``, split with
   logical shifts of the uint64 values): ``tl.randn``/``tl.randint4x`` use other layouts and cannot
@@ -13,7 +13,7 @@ Device side (``@triton.jit``):
   (``tl.extra.cuda.libdevice``); the interpreter cannot call extern functions and takes the
   ``tl.*`` path, which it evaluates with numpy (accurate);
 * NaN-keeping clamps (comparisons are false for NaN, so NaN passes through);
-* the parameterisation conversions (§1) with fp32 per-row coefficients.
+* the parameterisation conversions (docs/math.md) with fp32 per-row coefficients.
 
 Host side: whether we run under the interpreter, the fixed block size used there, the autotune
 configurations used on CUDA (keyed on the row count and row length, i.e. on the element count),
@@ -312,7 +312,7 @@ def box_muller(ra, rb, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def normals_aligned(seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """The §3 normals of the BLOCK consecutive indices ``base ..`` (base a multiple of 4): one
+    """The docs/noise.md normals of the BLOCK consecutive indices ``base ..`` (base a multiple of 4): one
     Philox call per quad, its four normals interleaved back into index order."""
     q = base // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     r0, r1, r2, r3 = philox_words(seed, q, offset)
@@ -324,7 +324,7 @@ def normals_aligned(seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.c
 
 @triton.jit
 def normals_at(seed, offset, idx, USE_LIBDEVICE: tl.constexpr):
-    """The §3 normals at arbitrary int64 indices (a quad's words recomputed per element)."""
+    """The docs/noise.md normals at arbitrary int64 indices (a quad's words recomputed per element)."""
     r0, r1, r2, r3 = philox_words(seed, idx >> 2, offset)
     lane = idx & 3
     ra = tl.where(lane < 2, r0, r2)
@@ -338,7 +338,7 @@ def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
               NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
               BLOCK: tl.constexpr, FLAT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """The noise of elements ``cols`` of row(s) ``row`` of a sample with N elements a row: a given
-    tensor (NOISE_MODE 1) or the §3 normals of (seed, offset) at the row-major sample index
+    tensor (NOISE_MODE 1) or the docs/noise.md normals of (seed, offset) at the row-major sample index
     (NOISE_MODE 2): ``i = row * N + col``, or ``col`` with per-row seeds (``seed[row]``).
     ALIGNED: the block's indices are consecutive from a multiple of 4, so one Philox call serves
     four elements (row-wise: per-row seeds or N % 4 == 0; flat: a scalar seed); otherwise each

@@ -1,4 +1,4 @@
-"""The DDIM step (Song et al., REFERENCE §1) and its inversion in one fused kernel:
+"""The DDIM step (Song et al., docs/math.md) and its inversion in one fused kernel:
 prediction (with guidance) -> x0_hat and eps_hat -> clip or dynamic threshold -> (optionally
 eps_hat from the clipped x0_hat) -> ``sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat
 + sigma z``. The inversion (``ddim_reverse_sample``) is the same kernel with ``abar_prev`` replaced

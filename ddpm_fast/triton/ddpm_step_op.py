@@ -1,4 +1,4 @@
-"""The reverse DDPM step (Ho et al. Algorithm 2 in diffusers' order, REFERENCE §1) in one fused
+"""The reverse DDPM step (Ho et al. Algorithm 2 in diffusers' order, docs/math.md) in one fused
 kernel: prediction (with classifier-free guidance) -> x0_hat -> clip or dynamic threshold ->
 posterior mean -> + sigma z where t > 0, for every prediction and variance type. Ops
 ``ddpm_fast_triton::ddpm_step`` (functional, differentiable) and ``ddpm_step_out`` (writes ``out``,
@@ -36,7 +36,7 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
-    # per-row coefficients in float64 (REFERENCE §1), rounded to fp32 for the element math
+    # per-row coefficients in float64 (docs/math.md), rounded to fp32 for the element math
     abar = H.abar_in_table(abar_ptr, t, T)
     abar_prev = H.abar_or_past_end(abar_ptr, prev_t, 1.0, T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)

@@ -1,4 +1,4 @@
-"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (REFERENCE §1) with the
+"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (docs/math.md) with the
 noise regenerated from ``(seed, offset)`` in forward and backward: no noise tensor is stored.
 Op ``ddpm_fast_triton::diffusion_loss`` (grad in ``model_output`` through the Triton backward
 kernel of ``ddpm_fast_triton::diffusion_loss_backward``).

@@ -1,5 +1,5 @@
 """q_sample: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the noise a given tensor or
-the §3 normals drawn in registers, as the op ``ddpm_fast_triton::q_sample`` (grad in x0:
+the docs/noise.md normals drawn in registers, as the op ``ddpm_fast_triton::q_sample`` (grad in x0:
 ``sqrt(abar_t) * grad``)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The variational-bound term per sample in bits/dim (REFERENCE §1, improved-diffusion):
+"""The variational-bound term per sample in bits/dim (docs/math.md, improved-diffusion):
 ``KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t))`` for t > 0, the discretized Gaussian decoder NLL at
 t = 0, in one elementwise kernel writing per-(row, block) partial sums. Op
 ``ddpm_fast_triton::vlb_loss``; its gradient in ``model_output`` is the vjp of

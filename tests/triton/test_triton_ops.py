@@ -117,7 +117,7 @@ def _box_muller_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_LIBD
 
 
 def test_noise_index_past_2_32():
-    """i = 4 * 2^32 + 3 uses the high counter word (c1): the §3 known answer +0.3931865."""
+    """i = 4 * 2^32 + 3 uses the high counter word (c1): the docs/noise.md known answer +0.3931865."""
     idx = torch.tensor([17179869187, 4, 5, 0], dtype=torch.int64, device=DEVICE)
     out = torch.empty(4, dtype=torch.float32, device=DEVICE)
     _normals_at_kernel[(1,)](idx, out, 0x123456789AB, 7, 4, BLOCK=4, USE_LIBDEVICE=H.use_libdevice(DEVICE))
