@@ -1,4 +1,4 @@
-"""The frozen noise contract (REFERENCE §3), in vectorised pure PyTorch.
+"""The frozen noise contract (docs/noise.md), in vectorised pure PyTorch.
 
 Gaussian noise is a pure function of ``(seed, offset, i)``: Philox4x32-10 with key
 ``(seed mod 2^32, seed >> 32)`` and counter ``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``,
@@ -108,7 +108,7 @@ def _shape_tuple(shape) -> Tuple[int, ...]:
 
 def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=None,
                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """§3 noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
+    """docs/noise.md noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
     per-row seeds (``i`` restarts in every row). ``offset``: int or 0-d int64 tensor. Computed in
     float64 by blocks of four normals and rounded once to ``dtype``."""
     shape = _shape_tuple(shape)
@@ -162,7 +162,7 @@ def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
     """The per-row seeds ``R_seed(sample_index)`` (int64 in [0, 2^63)) that key the noise of rows
-    given by their global index: row ``b`` draws the §3 noise of seed ``R_seed(sample_index[b])``
+    given by their global index: row ``b`` draws the docs/noise.md noise of seed ``R_seed(sample_index[b])``
     (``i`` restarting in the row) at the caller's offset.
 
     ``R_seed`` is a 4-round unbalanced Feistel permutation of [0, 2^63) (halves of 31 and 32

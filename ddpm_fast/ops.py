@@ -1,4 +1,4 @@
-"""The public functional API (REFERENCE §6) and the dispatch to backends.
+"""The public functional API (docs/api.md) and the dispatch to backends.
 
 Every public function validates its arguments here (clear ``ValueError``/``TypeError`` naming the
 argument), normalises them, picks a backend (:func:`ddpm_fast.backends.resolve_backend`) and calls
@@ -17,24 +17,22 @@ compiled ops are registered as ``ddpm_fast::<op>``, the Triton ones as ``ddpm_fa
   shape ``(1,)`` (one seed) or ``(B,)`` (per-row seeds), or ``None``; ``offset``: a ``(1,)`` int64
   tensor on ``D`` (or ``None`` with ``seed``). At most one of ``noise``/``seed`` is given; neither
   means the op draws no noise (the dispatch layer has checked that none is needed);
-* options are plain Python values, already validated.
+* options are plain Python values, already validated; the seven every step shares (clipping,
+  thresholding, ``guidance_scale``, ``return_x0``) arrive whole as one
+  :class:`ddpm_fast.step_options.StepOptions` ``opts``, ``out`` apart.
 
 Signatures::
 
     gaussian_noise(shape, seed, offset, dtype) -> Tensor                 # on seed's device
     q_sample(x0, t, alphas_cumprod, noise, seed, offset) -> x_t          # grad in x0
     ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *,
-              prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
+              prediction_type, variance_type, opts, out)
         -> (x_prev, x0_hat or None)                                      # grad in model_output, x_t
     ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta,
-              prediction_type, use_clipped_model_output, final_alpha_cumprod, clip_sample,
-              clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-              guidance_scale, return_x0, out) -> (x_prev, x0_hat or None)
+              prediction_type, use_clipped_model_output, final_alpha_cumprod, opts, out)
+        -> (x_prev, x0_hat or None)
     ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type,
-              use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
-        -> (x_next, x0_hat or None)
+              use_clipped_model_output, opts, out) -> (x_next, x0_hat or None)
     diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target,
               snr_gamma) -> (B,) float32 per-sample losses               # grad in model_output
     vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type)
@@ -75,6 +73,7 @@ import torch
 from .backends import backends, resolve_backend
 from .nvtx import range_for_op
 from .schedule import NoiseSchedule
+from .step_options import StepOptions
 
 __all__ = [
     "gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
@@ -622,7 +621,7 @@ def _noise_needed(noise, seed, host: Optional[_HostSteps]) -> Optional[bool]:
 @range_for_op("gaussian_noise")
 def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = torch.float32,
                    backend: Optional[str] = None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` under the §3 contract: a pure function of
+    """Standard normal noise of ``shape`` under the docs/noise.md contract: a pure function of
     ``(seed, offset, index)``. ``seed`` may be a ``(shape[0],)`` int64 tensor of per-row seeds."""
     shape = _check_shape(shape)
     if dtype not in _FLOAT_DTYPES:
@@ -641,7 +640,7 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
 @range_for_op("q_sample")
 def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=None, backend: Optional[str] = None):
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
-    the §3 noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
+    the docs/noise.md noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
     global indices: row ``b``'s noise keyed by ``(seed, offset, sample_index[b])``, see
     docs/distributed.md). Differentiable in ``x0``."""
     x0 = _check_tensor("x0", x0)
@@ -654,6 +653,23 @@ def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=N
                                           compiling=compiling)
     impl = resolve_backend(backend, dev, x0.dtype, compiling)
     return impl.q_sample(x0, tt, _table(schedule, dev, compiling), noise, seed_t, offset_t)
+
+
+_STEP_OPTIONS: dict = {}
+
+
+def _step_options(clip: dict, guidance_scale, return_x0: bool, compiling: bool) -> StepOptions:
+    """The :class:`StepOptions` of validated options, cached by their values (building one costs
+    several microseconds; a loop passes the same options every step). Built afresh while tracing."""
+    if compiling:
+        return StepOptions(**clip, guidance_scale=guidance_scale, return_x0=return_x0)
+    key = (*clip.values(), guidance_scale, return_x0)
+    opts = _STEP_OPTIONS.get(key)
+    if opts is None:
+        if len(_STEP_OPTIONS) >= 256:
+            _STEP_OPTIONS.clear()
+        opts = _STEP_OPTIONS[key] = StepOptions(**clip, guidance_scale=guidance_scale, return_x0=return_x0)
+    return opts
 
 
 def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t, return_x0, out, clip_opts):
@@ -670,11 +686,11 @@ def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t
     if channels_factor != 1 or guidance_scale is not None or model_output.shape != shape:
         _sample_shape_checks(model_output, x_t, channels_factor=channels_factor,
                              guidance=guidance_scale is not None)
-    opts = _threshold_args(*clip_opts)
-    opts["guidance_scale"] = guidance_scale
-    opts["return_x0"] = _check_bool("return_x0", return_x0)
-    opts["out"] = _check_out(out, x_t, model_output=model_output)
     compiling = _is_compiling()
+    # the backends take the shared options whole (StepOptions) and out apart
+    opts = dict(opts=_step_options(_threshold_args(*clip_opts), guidance_scale, _check_bool("return_x0", return_x0),
+                                   compiling),
+                out=_check_out(out, x_t, model_output=model_output))
     tt, t_host = _timesteps("t", t, shape[0], dev, schedule.num_timesteps, compiling=compiling)
     return model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape
 
@@ -739,21 +755,18 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
     return (x_prev, x0_hat) if return_x0 else x_prev
 
 
-_REVERSE_IGNORED = ("noise", "seed", "offset", "final_alpha_cumprod")
-
-
 @range_for_op("ddim_reverse_step")
 def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
                       use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
                       thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None, **unused):
+                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None,
+                      noise=None, seed=None, offset=None, final_alpha_cumprod=None):
     """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
-    larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
-    for k in unused:
-        if k not in _REVERSE_IGNORED:
-            raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
-        if k in ("noise", "seed") and unused[k] is not None:
-            raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
+    larger timestep. Deterministic: ``eta`` must be 0, ``noise`` and ``seed`` None (these keywords,
+    ``offset`` and ``final_alpha_cumprod`` are accepted for symmetry with ``ddim_step`` and unused)."""
+    for name, value in (("noise", noise), ("seed", seed)):
+        if value is not None:
+            raise ValueError(f"{name} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output, x_t, schedule, opts, tt, t_host, compiling, dev, shape = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,

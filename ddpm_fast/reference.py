@@ -1,4 +1,4 @@
-"""The specification: every formula of REFERENCE §1 as a short, readable pure-PyTorch function.
+"""The specification: every formula of docs/math.md as a short, readable pure-PyTorch function.
 
 Conventions
 -----------
@@ -190,7 +190,7 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile with linear interpolation, as torch.quantile (NaN in a row gives NaN),
     via a sort so rows past 2^24 elements work. Unlike torch.quantile, two equal infinite
     neighbours give that infinity (torch.quantile gives NaN), so a zero-SNR epsilon step under
-    thresholding stays finite (§1)."""
+    thresholding stays finite (docs/math.md)."""
     n = x2d.shape[1]
     if n == 0:  # an empty row has no quantile (and nothing to threshold)
         return torch.full((x2d.shape[0],), math.nan, dtype=x2d.dtype, device=x2d.device)
@@ -227,7 +227,7 @@ def clip_or_threshold(x0_hat, *, clip_sample, clip_sample_range, thresholding, d
 # the reverse DDPM step
 # --------------------------------------------------------------------------------------------
 def ddpm_sigma(variance_type: str, abar_t, abar_prev, variance_values, like):
-    """The step's standard deviation (per element or per row) for each variance type (§1)."""
+    """The step's standard deviation (per element or per row) for each variance type (docs/math.md)."""
     beta = step_beta(abar_t, abar_prev)
     beta_tilde = posterior_variance(abar_t, abar_prev)
     if variance_type == "fixed_small":

@@ -117,17 +117,19 @@ def calls(t, prev, nxt):
             ("vlb_loss fixed", lambda: (ops.vlb_loss(mo, x.clamp(-1, 1), x, t, abar, "epsilon", "fixed_large"),)),
             ("q_sample grad", lambda: grad_q(t)),
         ]
-    kw = dict(clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-              sample_max_value=1.0, guidance_scale=None)
+    from ddpm_fast.step_options import StepOptions
+    kw = dict(opts=StepOptions(clip_sample=True, clip_sample_range=1.0, thresholding=False,
+                               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None,
+                               return_x0=True))
     return [
         ("q_sample", lambda: (ops_ref.q_sample(x, t, abar, None, seed, off),)),
         ("ddpm_step sample", lambda: ops_ref.ddpm_step(mo, t, prev, x, abar, None, seed, off, prediction_type="sample",
-                                                       variance_type="fixed_small", return_x0=True, out=None, **kw)),
+                                                       variance_type="fixed_small", out=None, **kw)),
         ("ddim_step", lambda: ops_ref.ddim_step(mo, t, prev, x, abar, None, seed, off, eta=0.5, prediction_type="sample",
                                                 use_clipped_model_output=True, final_alpha_cumprod=1.0,
-                                                return_x0=True, out=None, **kw)),
+                                                out=None, **kw)),
         ("ddim_reverse_step", lambda: ops_ref.ddim_reverse_step(mo, t, nxt, x, abar, prediction_type="sample",
-                                                                use_clipped_model_output=False, return_x0=True,
+                                                                use_clipped_model_output=False,
                                                                 out=None, **kw)),
         ("diffusion_loss x0", lambda: (ops_ref.diffusion_loss(mo, x, t, abar, None, seed, off, target="sample",
                                                               snr_gamma=None),)),

@@ -1,7 +1,7 @@
 // The torch-free CUDA kernels (launchers declared in ddpm_fast/cuda_kernels.h). One thread handles
 // a group of 4 consecutive elements of the flat B x N problem: its 4 normals are one Philox block
 // (with one seed and the global index, the group is exactly block q), made in registers by the
-// shared §3 header with accurate logf/sincospif (no fast math). Loads and stores of a full,
+// shared docs/noise.md header with accurate logf/sincospif (no fast math). Loads and stores of a full,
 // aligned group are vectorised (128-bit for fp32, 64-bit for 16-bit types). Seed and offset are
 // read from device memory, so a captured CUDA graph draws fresh noise when the offset changes;
 // no launcher synchronises with the host. Indices are 64-bit throughout.

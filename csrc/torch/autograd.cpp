@@ -1,11 +1,12 @@
 // Autograd of the training-path ops, in C++ (a Python autograd formula costs ~100 us a call, as
 // much as the kernels themselves at small shapes):
 //   q_sample:        d x_t / d x0 = sqrt(abar_t)   (the noise term does not depend on x0)
-//   diffusion_loss:  the fused diffusion_loss_backward kernel, which regenerates the noise from
-//                    (seed, offset): no noise tensor is kept between forward and backward. In x0
-//                    (the targets "sample" and "v_prediction" depend on it, e.g. an encoder trained
-//                    through the loss): d loss / d x0 = -(d loss / d model_output) d target / d x0,
-//                    d target / d x0 = 1 (sample), -sqrt(1 - abar_t) (v), 0 (epsilon).
+//   diffusion_loss:  the fused diffusion_loss_backward kernel. On CUDA it regenerates the noise from
+//                    (seed, offset): no noise tensor is kept between forward and backward. On CPU
+//                    the forward draws the noise once and both passes read it (draws_noise_once).
+//                    In x0 (the targets "sample" and "v_prediction" depend on it, e.g. an encoder
+//                    trained through the loss): d loss / d x0 = -(d loss / d model_output) d target /
+//                    d x0, d target / d x0 = 1 (sample), -sqrt(1 - abar_t) (v), 0 (epsilon).
 // A row whose t lies outside the table gets a NaN gradient, as its forward value.
 // Registered for the Autograd key of every device; the forward redispatches below autograd to
 // the CPU/CUDA (or fake) kernel. The other ops' autograd is in ddpm_fast/_native_ops.py.
@@ -33,6 +34,13 @@ at::Tensor q_sample_op(const at::Tensor& x0, const at::Tensor& t, const at::Tens
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
                                          const Opt&, const Opt&)>();
   return op.call(x0, t, abar, noise, seed, offset);
+}
+
+at::Tensor gaussian_noise_op(at::IntArrayRef shape, const at::Tensor& seed, const at::Tensor& offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ddpm_fast::gaussian_noise", "")
+                       .typed<at::Tensor(at::IntArrayRef, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  return op.call(shape, seed, offset, at::kFloat);
 }
 
 at::Tensor loss_op(const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
@@ -97,11 +105,30 @@ class QSampleFunction : public torch::autograd::Function<QSampleFunction> {
   }
 };
 
+// The noise of a loss that records its backward, per device. CUDA: none kept; the backward kernel
+// regenerates it from (seed, offset) (memory traffic is the cost there, regenerating is free). CPU:
+// the noise generation is the cost, so the forward draws it once into an fp32 tensor (the docs/noise.md
+// normals of x0's shape, exactly what the kernels regenerate: they compute it in fp32 too) that
+// the forward and the backward both read. An explicit `noise`, target="sample" (no noise) and a
+// call that records no gradient keep the call as it came.
+bool draws_noise_once(const at::Tensor& mo, const at::Tensor& x0, const Opt& noise, const Opt& seed,
+                      c10::string_view target) {
+  return mo.device().is_cpu() && (mo.requires_grad() || x0.requires_grad()) &&
+         !(noise.has_value() && noise->defined()) && seed.has_value() && seed->defined() && target != "sample";
+}
+
 class DiffusionLossFunction : public torch::autograd::Function<DiffusionLossFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& mo, const at::Tensor& x0, const at::Tensor& t,
-                            const at::Tensor& abar, const Opt& noise, const Opt& seed, const Opt& offset,
+                            const at::Tensor& abar, const Opt& noise_in, const Opt& seed_in, const Opt& offset_in,
                             c10::string_view target, c10::optional<double> snr_gamma) {
+    Opt noise = noise_in, seed = seed_in, offset = offset_in;
+    if (draws_noise_once(mo, x0, noise_in, seed_in, target) && offset_in.has_value()) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      noise = gaussian_noise_op(x0.sizes(), *seed_in, *offset_in);
+      seed = c10::nullopt;
+      offset = c10::nullopt;
+    }
     ctx->save_for_backward({mo, x0, t, abar, or_undefined(noise), or_undefined(seed), or_undefined(offset)});
     ctx->saved_data["target"] = std::string(target);
     ctx->saved_data["snr_gamma"] = snr_gamma.has_value() ? c10::IValue(*snr_gamma) : c10::IValue();

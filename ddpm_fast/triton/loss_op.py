@@ -1,4 +1,4 @@
-"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (REFERENCE §1) with the
+"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (docs/math.md) with the
 noise regenerated from ``(seed, offset)`` in forward and backward: no noise tensor is stored.
 Op ``ddpm_fast_triton::diffusion_loss`` (grad in ``model_output`` through the Triton backward
 kernel of ``ddpm_fast_triton::diffusion_loss_backward``).
@@ -58,7 +58,7 @@ def _block_terms(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_pt
     mask, model_output, target, the row's min-SNR weight), in fp32 (the noise regenerated from
     (seed, offset) when not given)."""
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
-    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
+    abar = H.abar_in_table(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)

@@ -1,4 +1,4 @@
-// Per-element and per-row formulas of REFERENCE §1, shared by the CPU and CUDA kernels.
+// Per-element and per-row formulas of docs/math.md, shared by the CPU and CUDA kernels.
 // Row coefficients are computed in double from abar[t] and abar[prev_t] and rounded to the
 // compute type (float, or double for fp64 inputs) only afterwards.
 #pragma once
