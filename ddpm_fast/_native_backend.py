@@ -237,14 +237,10 @@ def _call(op, args, *inputs):
     runs below autograd instead: the same kernel, the same outputs."""
     if (_BelowAutograd is not None and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                                              for x in inputs))
-            and not _compiling() and not _functorch_active() and _forward_ad._current_level < 0):
+            and not torch.compiler.is_compiling() and not _functorch_active() and _forward_ad._current_level < 0):
         with _BelowAutograd():
             return op(*args)
     return op(*args)
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 if _BelowAutograd is None or _functorch_active is None or _forward_ad is None \
@@ -261,8 +257,24 @@ def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     return _ops.q_sample(x0, t, alphas_cumprod, noise, seed, offset)
 
 
+_SCHEMA_ARGS: Dict[int, tuple] = {}
+
+
+def _schema_args(opts) -> tuple:
+    """``opts.schema_args()``, kept per options object (the dispatch layer reuses one StepOptions
+    for the same options, and the generic getattr loop costs about a microsecond a step). Keyed by
+    ``id``, the entry holding the object itself, so an id is not reused while its entry lives."""
+    entry = _SCHEMA_ARGS.get(id(opts))
+    if entry is None or entry[0] is not opts:
+        if len(_SCHEMA_ARGS) >= 256:
+            _SCHEMA_ARGS.clear()
+        entry = _SCHEMA_ARGS[id(opts)] = (opts, opts.schema_args())
+    return entry[1]
+
+
 def _step(name, args, model_output, x_t, noise, opts, out):
-    return run_step(getattr(_ops, name), getattr(_ops, name + "_out"), args + opts.schema_args(),
+    schema = opts.schema_args() if torch.compiler.is_compiling() else _schema_args(opts)
+    return run_step(getattr(_ops, name), getattr(_ops, name + "_out"), args + schema,
                     model_output=model_output, x_t=x_t, return_x0=opts.return_x0, out=out,
                     call=lambda op, a: _call(op, a, model_output, x_t, noise))
 
