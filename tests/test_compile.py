@@ -317,3 +317,15 @@ def test_eager_caches_give_fresh_results_and_stay_read_only():
     before = ddpm_fast.ddpm_step(MO, 50, X, SCHED, seed=2, offset=3)
     ddpm_fast.ddpm_step(MO, 50, X, SCHED, seed=2, offset=3, out=X.clone())
     assert torch.equal(before, ddpm_fast.ddpm_step(MO, 50, X, SCHED, seed=2, offset=3))
+
+
+def test_overhead_benchmark_runs():
+    """benchmarks/overhead.py (the public ops' Python overhead) still runs: one tiny round."""
+    _need("native")
+    from benchmarks import overhead
+
+    res = overhead.measure(rounds=1, calls=2)
+    assert set(res) == {"gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step",
+                        "diffusion_loss", "vlb_loss", "hybrid_loss"}
+    assert all(r["public_us"] > 0 and r["direct_us"] > 0 and r["below_us"] > 0 for r in res.values())
+    assert "overhead" in overhead.format_table(res)

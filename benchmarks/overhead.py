@@ -16,8 +16,7 @@ autograd formulas, whose torch.library layer costs about as much as a small step
 skip it when no graph can be recorded, so for them ``public - direct`` can be negative and
 ``public - below`` is the Python dispatch layer's own cost.
 
-    python benchmarks/test_bench_overhead.py              # the table (add --json out.json)
-    pytest benchmarks/test_bench_overhead.py --benchmark-only
+    python benchmarks/overhead.py              # the table (add --json out.json, --ops q_sample ...)
 
 Needs the native extension (the registered ops are its ops).
 """
@@ -121,7 +120,15 @@ def measure(rounds: int = 15, calls: int = 200, only=None) -> Dict[str, dict]:
     """Per op: median microseconds a call of the public op, the direct op and the direct op below
     autograd, and the medians over rounds of the differences (round-robin: each round times every
     op's three variants back to back, in a rotating order)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _measure(rounds, calls, only)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(rounds, calls, only):
     table = {k: (pub, direct, _below_autograd(direct)) for k, (pub, direct) in cases().items()
              if only is None or k in only}
     with torch.no_grad():
@@ -178,36 +185,6 @@ def main(argv=None) -> int:
             json.dump({"shape": list(SHAPE), "dtype": "float32", "threads": 1, "torch": torch.__version__,
                        "results": res}, f, indent=1)
     return 0
-
-
-# ---- pytest-benchmark: one benchmark per (op, public|direct) --------------------------------------
-try:
-    import pytest
-except ImportError:  # the script needs no pytest
-    pytest = None
-
-if pytest is not None:
-    _OPS = ("gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
-            "vlb_loss", "hybrid_loss")
-
-    @pytest.mark.parametrize("which", ("public", "direct", "below"))
-    @pytest.mark.parametrize("op", _OPS)
-    def test_overhead(benchmark, op, which):
-        ok, why = _native_ok()
-        if not ok:
-            pytest.skip(f"the native backend is unavailable: {why}")
-        torch.set_num_threads(1)
-        pub, direct = cases()[op]
-        fn = {"public": pub, "direct": direct, "below": _below_autograd(direct)}[which]
-        state = {"i": 0}
-
-        def call():
-            state["i"] = (state["i"] + 1) % STEPS
-            return fn(state["i"])
-
-        benchmark.group = f"overhead {op}"
-        with torch.no_grad():
-            benchmark(call)
 
 
 if __name__ == "__main__":
