@@ -1,4 +1,4 @@
-"""``python -m ddpm_fast {demo,info,bench,profile}``."""
+"""``python -m ddpm_fast {demo,info,bench,profile,sample,gpucheck}``."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,12 @@ commands:
   info      version, torch, devices, backends and why each is (un)available
   bench     time every op against the reference, torch.compile and diffusers (--help for options)
   profile   run ops under torch.profiler and write a Chrome trace (--help for options)
+  sample    sample N images from a diffusers UNet2DModel folder, sharded under torchrun (--help for options)
+  gpucheck  on a GPU machine: build, GPU test lanes, sanitizers, bench, ncu into one folder (docs/gpu.md)
 """
 
-_SUBCOMMANDS = {"demo": "ddpm_fast.demo", "bench": "ddpm_fast.bench", "profile": "ddpm_fast.profile"}
+_SUBCOMMANDS = {"demo": "ddpm_fast.demo", "bench": "ddpm_fast.bench", "profile": "ddpm_fast.profile",
+                "sample": "ddpm_fast.distributed", "gpucheck": "ddpm_fast.gpucheck"}
 
 
 def info(argv: Optional[List[str]] = None) -> int:

@@ -18,7 +18,7 @@ from typing import Sequence, Tuple
 import torch
 
 __all__ = ["philox4x32_10", "uniform_from_bits", "box_muller", "normals_at", "gaussian_noise_reference",
-           "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"]
+           "row_seeds", "row_bits", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"]
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -123,3 +123,77 @@ def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) ->
     n0, n1 = box_muller(r0, r1)
     n2, n3 = box_muller(r2, r3)
     return torch.stack([n0, n1, n2, n3], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# World-size invariance: row seeds and row bits keyed by a row's global index (docs/distributed.md)
+# --------------------------------------------------------------------------------------------
+# Noise streams never set the top bit of counter word 3 (offset < 2^63). The derived streams below
+# set it, and tell themselves apart by counter word 1: the Feistel rounds set its top bit, the row
+# bits hold ``index >> 32 < 2^31`` there. So the three kinds of Philox input never meet.
+_DERIVED = 0x80000000
+_MASK31 = 0x7FFFFFFF
+_FEISTEL_ROUNDS = 4
+
+
+def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
+    """The per-row seeds ``R_seed(sample_index)`` (int64 in [0, 2^63)) that key the noise of rows
+    given by their global index: row ``b`` draws the §3 noise of seed ``R_seed(sample_index[b])``
+    (``i`` restarting in the row) at the caller's offset.
+
+    ``R_seed`` is a 4-round unbalanced Feistel permutation of [0, 2^63) (halves of 31 and 32
+    bits) whose round function is Philox4x32-10 keyed by ``seed``: word 0 of counter
+    ``(half, 2^31 + round, 0, 2^31)``. A bijection for every seed, so distinct indices get distinct
+    keys. ``seed``: int or 0-d int64 tensor in [0, 2^63); ``sample_index``: int64 tensor of values
+    in [0, 2^63), any shape; computed on its device (or on ``seed``'s, when that is a tensor)."""
+    index = torch.as_tensor(sample_index, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        index = index.to(seed.device)
+    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=index.device))
+    hi, lo = (index >> 32) & _MASK31, index & _MASK32
+    zero = torch.zeros((), dtype=torch.int64, device=index.device)
+    for rnd in range(_FEISTEL_ROUNDS):
+        tag = _DERIVED | rnd
+        if rnd % 2 == 0:
+            hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)
+        else:
+            lo = lo ^ philox4x32_10((hi, tag, zero, _DERIVED), (k0, k1))[0]
+    return (hi << 32) | lo
+
+
+def _row_seeds_inverse(seed, row_seed: torch.Tensor) -> torch.Tensor:
+    """``R_seed^-1``: the rounds undone in reverse order (the bijection, made checkable)."""
+    row_seed = torch.as_tensor(row_seed, dtype=torch.int64)
+    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=row_seed.device))
+    hi, lo = (row_seed >> 32) & _MASK31, row_seed & _MASK32
+    zero = torch.zeros((), dtype=torch.int64, device=row_seed.device)
+    for rnd in reversed(range(_FEISTEL_ROUNDS)):
+        tag = _DERIVED | rnd
+        if rnd % 2 == 0:
+            hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)
+        else:
+            lo = lo ^ philox4x32_10((hi, tag, zero, _DERIVED), (k0, k1))[0]
+    return (hi << 32) | lo
+
+
+def row_bits(seed, offset, sample_index: torch.Tensor) -> torch.Tensor:
+    """63 random bits per row (int64 in [0, 2^63)), a pure function of ``(seed, offset,
+    sample_index[b])``: Philox4x32-10 with key ``seed`` and counter
+    ``(index mod 2^32, index >> 32, offset mod 2^32, 2^31 + (offset >> 32))``; the result is
+    ``(r1 mod 2^31) * 2^32 + r0``. Counter word 3 has its top bit set, which no noise stream has,
+    and word 1 is below 2^31, which no :func:`row_seeds` round has. ``training_loss`` draws each
+    row's timestep from these bits."""
+    index = torch.as_tensor(sample_index, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        index = index.to(seed.device)
+    dev = index.device
+    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=dev))
+    offset = torch.as_tensor(offset, dtype=torch.int64, device=dev)
+    r0, r1, _, _ = philox4x32_10((index & _MASK32, (index >> 32) & _MASK31, offset & _MASK32,
+                                  _DERIVED | ((offset >> 32) & _MASK31)), (k0, k1))
+    return ((r1 & _MASK31) << 32) | r0

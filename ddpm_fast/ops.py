@@ -275,6 +275,36 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
     raise TypeError(f"offset must be an int or a 0-d int64 tensor, got {type(offset).__name__}")
 
 
+def _indexed_seed(seed, sample_index, noise, batch: int, device: torch.device):
+    """``seed`` unchanged without ``sample_index``; with it, the ``(B,)`` per-row seeds
+    :func:`ddpm_fast.noise.row_seeds` of the rows' global indices (docs/distributed.md), so row
+    ``b``'s noise is a pure function of ``(seed, offset, sample_index[b])``."""
+    if sample_index is None:
+        return seed
+    if noise is not None:
+        raise ValueError("sample_index keys the noise drawn from seed=; it cannot be combined with noise=")
+    if seed is None:
+        raise ValueError("sample_index needs seed= (the run's seed; the rows' noise is keyed by seed and index)")
+    if isinstance(seed, torch.Tensor) and seed.dim() != 0:
+        raise ValueError(f"with sample_index, seed must be an int or a 0-d int64 tensor (one seed for the run), "
+                         f"got shape {tuple(seed.shape)}")
+    if not isinstance(sample_index, torch.Tensor):
+        raise TypeError(f"sample_index must be a (B,) int64 tensor, got {type(sample_index).__name__}")
+    if sample_index.dtype != torch.int64:
+        raise TypeError(f"sample_index must be an int64 tensor, got dtype {sample_index.dtype}")
+    if tuple(sample_index.shape) != (batch,):
+        raise ValueError(f"sample_index must have shape ({batch},) (one global index per row), got "
+                         f"{tuple(sample_index.shape)}")
+    if sample_index.device.type != "cpu":
+        _check_same_device(device, sample_index=sample_index)
+    if (sample_index.device.type == "cpu" or _debug_checks) and batch and int(sample_index.min()) < 0:
+        raise ValueError(f"sample_index must lie in [0, 2**63), got a minimum of {int(sample_index.min())}")
+    from .noise import row_seeds
+
+    seed_t = _seed_tensor(seed, batch, sample_index.device if not isinstance(seed, torch.Tensor) else seed.device)
+    return row_seeds(seed_t.reshape(()), sample_index)
+
+
 def _check_float(name: str, value, *, low=None, high=None, allow_none=False):
     if value is None and allow_none:
         return None
@@ -369,12 +399,15 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
 
 
 @range_for_op("q_sample")
-def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, backend: Optional[str] = None):
+def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=None, backend: Optional[str] = None):
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
-    the §3 noise of ``(seed, offset)``. Differentiable in ``x0``."""
+    the §3 noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
+    global indices: row ``b``'s noise keyed by ``(seed, offset, sample_index[b])``, see
+    docs/distributed.md). Differentiable in ``x0``."""
     x0 = _check_tensor("x0", x0)
     schedule = _check_schedule(schedule)
     tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
+    seed = _indexed_seed(seed, sample_index, noise, x0.shape[0], x0.device)
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=True, what="q_sample")
     impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0))
     return impl.q_sample(x0, tt, schedule.table(x0.device), noise, seed_t, offset_t)
@@ -491,11 +524,11 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 @range_for_op("loss fwd")
 def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=None, seed=None, offset=0,
-                   snr_gamma=None, reduction="mean", backend: Optional[str] = None):
+                   snr_gamma=None, reduction="mean", sample_index=None, backend: Optional[str] = None):
     """The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (fp32), reduced over
     the batch. ``target``: ``epsilon``, ``sample`` (x0) or ``v_prediction``; the noise is the one
-    :func:`q_sample` drew with the same ``(seed, offset)``. ``snr_gamma``: min-SNR-gamma weights.
-    Differentiable in ``model_output``."""
+    :func:`q_sample` drew with the same ``(seed, offset)`` (and ``sample_index``).
+    ``snr_gamma``: min-SNR-gamma weights. Differentiable in ``model_output``."""
     _check_choice("target", target, LOSS_TARGETS)
     _check_choice("reduction", reduction, REDUCTIONS)
     model_output = _check_tensor("model_output", model_output)
@@ -508,6 +541,8 @@ def diffusion_loss(model_output, x0, t, schedule, *, target="epsilon", noise=Non
     if snr_gamma is not None and snr_gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
     tt, _ = _timesteps("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
+    if seed is not None or target != "sample":
+        seed = _indexed_seed(seed, sample_index, noise, x0.shape[0], x0.device)
     noise, seed_t, offset_t = _noise_args(noise, seed, offset, x0.shape, x0.device, needed=target != "sample",
                                           what=f"diffusion_loss with target={target!r}")
     impl = resolve_backend(backend, x0.device, _dtype_for_backend(x0, model_output))
@@ -543,10 +578,12 @@ def vlb_loss(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", v
 
 @range_for_op("hybrid_loss fwd")
 def hybrid_loss(model_output, x0, t, schedule, *, noise=None, seed=None, offset=0, prediction_type="epsilon",
-                variance_type="learned_range", snr_gamma=None, reduction="mean", backend: Optional[str] = None):
+                variance_type="learned_range", snr_gamma=None, reduction="mean", sample_index=None,
+                backend: Optional[str] = None):
     """improved DDPM's hybrid loss (``RESCALED_MSE``): the simple loss on the first ``C`` channels
     plus ``T/1000`` times the VLB term, which sees the predicted mean through a stop-gradient (it
-    trains the variance channels only) and rebuilds ``x_t`` from the same noise."""
+    trains the variance channels only) and rebuilds ``x_t`` from the same noise (``sample_index``:
+    as in :func:`q_sample`)."""
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, LEARNED_VARIANCE_TYPES)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -556,6 +593,7 @@ def hybrid_loss(model_output, x0, t, schedule, *, noise=None, seed=None, offset=
     _sample_shape_checks(model_output, x0, channels_factor=2, guidance=False, x_name="x0")
     C = x0.shape[1]
     prediction, variance = model_output[:, :C], model_output[:, C:]
+    seed = _indexed_seed(seed, sample_index, noise, x0.shape[0], x0.device)
     simple = diffusion_loss(prediction, x0, t, schedule, target=prediction_type, noise=noise, seed=seed,
                             offset=offset, snr_gamma=snr_gamma, reduction="none", backend=backend)
     with torch.no_grad():

@@ -15,11 +15,23 @@ the last ``B`` its conditional one (diffusers' order), e.g.
 as ``uncond + w (cond - uncond)`` inside the fused kernel (learned-variance channels from the
 conditional half).
 
-Noise: ``seed`` (an int) gives the §3 noise: ``x_T`` at offset 0 and step ``i`` at offset
-``1 + i`` (a device int64 tensor incremented in place, so a CUDA-graph replay draws fresh noise);
-row ``b`` does not depend on the batch size. ``generator`` (or a list, one per row) draws ``x_T``
+Noise: ``seed`` (an int) gives the counter-based noise (README, "The noise contract"): ``x_T``
+at offset 0 and step ``i`` at offset ``1 + i`` (a device int64 tensor incremented in place, so a
+CUDA-graph replay draws fresh noise); row ``b`` does not depend on the batch size.
+``sample_index`` (a ``(B,)`` int64 tensor of the rows' global indices, with ``seed``): row ``b``
+draws its ``x_T`` and every step's noise from the per-row seed ``row_seeds(seed,
+sample_index[b])`` instead, so it depends on its index only, not on its position in the batch
+(sharded sampling: :mod:`ddpm_fast.distributed`). ``generator`` (or a list, one per row) draws ``x_T``
 and the step noise exactly as diffusers' ``DDPMPipeline``/``DDIMPipeline`` do (then there is no
-CUDA graph). Neither: a seed drawn from torch's global CPU generator.
+CUDA graph); nothing is drawn from torch's global generator then, so
+``generator=torch.manual_seed(0)`` (diffusers' idiom, which passes the global generator itself)
+gives the pipelines' images. Neither: a seed drawn from torch's global CPU generator.
+
+What a pipeline's ``__call__`` offers and ``sample`` takes (docs/diffusers.md): ``batch_size``
+(``shape[0]``), ``generator``, ``num_inference_steps``, ``eta`` and ``use_clipped_model_output``
+(DDIM), ``output_type`` (``"pt"``, ``"np"``, ``"pil"``: the pipelines' ``(x / 2 + 0.5).clamp(0, 1)``
+images; ``None``, the default, returns ``x_0`` as the model space holds it). ``return_dict`` has no
+counterpart: ``sample`` returns the images themselves.
 """
 from __future__ import annotations
 
@@ -31,8 +43,8 @@ import torch
 from . import ops
 from .nvtx import nvtx_range
 from .schedule import NoiseSchedule, space_timesteps
-from .schedulers import (DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
-                         learned_variance_to_log, randn_like_diffusers, to_device_async)
+from .schedulers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
+                         from_diffusers, learned_variance_to_log, randn_like_diffusers, to_device_async)
 from .training import _unwrap  # the model output convention, shared with training_loss
 
 __all__ = ["sample"]
@@ -41,11 +53,13 @@ __all__ = ["sample"]
 class _Plan:
     """What the loop needs from a scheduler or a bare schedule, resolved once on the host."""
 
-    def __init__(self, scheduler_or_schedule, num_inference_steps, eta, device):
+    def __init__(self, scheduler_or_schedule, num_inference_steps, eta, use_clipped_model_output):
         self.kind = "ddpm"
         self.final_abar = 1.0
-        if not isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler, NoiseSchedule)):
-            scheduler_or_schedule = _from_diffusers(scheduler_or_schedule)
+        scheduler_or_schedule = from_diffusers(scheduler_or_schedule)
+        if isinstance(scheduler_or_schedule, DDIMInverseScheduler):
+            raise TypeError("sample() runs the reverse process; a DDIMInverseScheduler inverts it (step it "
+                            "yourself, or use a DDIMScheduler here)")
         if isinstance(scheduler_or_schedule, NoiseSchedule):
             sched = scheduler_or_schedule
             self.schedule = sched
@@ -80,28 +94,45 @@ class _Plan:
                              sample_max_value=float(c.sample_max_value))
             self.timestep_map = self.schedule.timestep_map
         else:
-            raise TypeError("scheduler_or_schedule must be a ddpm_fast.DDPMScheduler, DDIMScheduler or NoiseSchedule, "
-                            f"got {type(scheduler_or_schedule).__name__}")
+            raise TypeError("scheduler_or_schedule must be a DDPM/DDIM-family scheduler (ours or diffusers') or a "
+                            f"NoiseSchedule, got {type(scheduler_or_schedule).__name__}")
         eta = ops._check_float("eta", eta, low=0.0, high=1.0)
         if self.kind == "ddpm" and eta != 0.0:
             raise ValueError(f"eta applies to DDIM only; got eta={eta} with a DDPM scheduler")
         self.eta = eta
+        if use_clipped_model_output is not None:  # None: not passed on, as DDIMPipeline does
+            use_clipped_model_output = ops._check_bool("use_clipped_model_output", use_clipped_model_output)
+            if self.kind == "ddpm" and use_clipped_model_output:
+                raise ValueError("use_clipped_model_output applies to DDIM only; got True with a DDPM scheduler")
+        self.use_clipped = bool(use_clipped_model_output)
         self.prev = [self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1 for i in range(len(self.timesteps))]
 
     def needs_noise(self, t: int) -> bool:
         return t > 0 if self.kind == "ddpm" else self.eta > 0
 
 
-def _from_diffusers(s):
-    """A diffusers DDPMScheduler/DDIMScheduler: use ours built from its config."""
-    name = type(s).__name__
-    if not type(s).__module__.startswith("diffusers") or not hasattr(s, "config"):
-        return s
-    if name == "DDPMScheduler":
-        return DDPMScheduler.from_config(s.config)
-    if name == "DDIMScheduler":
-        return DDIMScheduler.from_config(s.config)
-    return s
+_OUTPUT_TYPES = (None, "pt", "np", "pil")
+
+
+def _postprocess(x: torch.Tensor, output_type):
+    """The DDPM/DDIM pipelines' output: ``(x / 2 + 0.5).clamp(0, 1)``, then NHWC numpy or PIL."""
+    if output_type is None:
+        return x
+    images = (x / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    if images.dim() != 4:
+        raise ValueError(f"output_type={output_type!r} needs image-shaped (B, C, H, W) samples, got shape "
+                         f"{tuple(images.shape)} (use output_type='pt' or None)")
+    arr = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return arr
+    from PIL import Image
+
+    arr = (arr * 255).round().astype("uint8")
+    if arr.shape[-1] == 1:
+        return [Image.fromarray(a.squeeze(-1), mode="L") for a in arr]
+    return [Image.fromarray(a) for a in arr]
 
 
 def _model_device(model) -> Optional[torch.device]:
@@ -115,23 +146,30 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
            *, eta: float = 0.0, seed: Optional[int] = None, generator=None, device=None,
            dtype: torch.dtype = torch.float32, guidance: Optional[float] = None, progress: bool = True,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
-           cuda_graph: Union[str, bool] = "auto"):
+           cuda_graph: Union[str, bool] = "auto", sample_index: Optional[torch.Tensor] = None,
+           use_clipped_model_output: Optional[bool] = None, output_type: Optional[str] = None):
     """Run the reverse process from ``x_T ~ N(0, I)`` to ``x_0``; returns ``x_0`` (and, with
     ``return_trajectory=True``, a ``(n + 1, *shape)`` tensor of ``x_T`` and every step's output).
 
-    ``scheduler_or_schedule``: a :class:`DDPMScheduler` (ancestral DDPM steps, ``eta`` must be 0),
-    a :class:`DDIMScheduler` (``eta`` in [0, 1]) — their config gives the prediction type,
-    variance type, clipping and spacing, and ``set_timesteps(num_inference_steps)`` is called on
-    it — or a bare :class:`NoiseSchedule` (DDPM, epsilon prediction, ``fixed_small``, no clipping,
+    ``scheduler_or_schedule``: a :class:`DDPMScheduler` or ``DDPMParallelScheduler`` (ancestral
+    DDPM steps, ``eta`` must be 0), a :class:`DDIMScheduler` or ``DDIMParallelScheduler`` (``eta``
+    in [0, 1]; ``use_clipped_model_output`` re-derives epsilon from the clipped x0, as
+    ``DDIMScheduler.step`` does) — their config gives the prediction type, variance type,
+    clipping and spacing, and ``set_timesteps(num_inference_steps)`` is called on it — or a bare
+    :class:`NoiseSchedule` (DDPM, epsilon prediction, ``fixed_small``, no clipping,
     ``num_inference_steps`` evenly spaced timesteps as improved-diffusion's respacing; default
-    all). A diffusers DDPM/DDIM scheduler is converted to ours through its config.
+    all). A diffusers scheduler of those classes is converted to ours through its config.
+    ``output_type``: ``None`` returns ``x_0``; ``"pt"``/``"np"``/``"pil"`` the pipelines' images
+    (module docstring); the trajectory stays in model space.
     See the module docstring for how the model is called, guidance, and the noise (``seed`` or
     ``generator``). ``callback(i, t, x)`` runs after step ``i`` (``t`` a host int). ``progress``:
     a tqdm bar. ``cuda_graph``: ``"auto"`` captures the loop body (model call + step) in a CUDA
     graph on CUDA without a generator, falling back to eager if capture fails; ``True`` requires
     it; ``False`` never. The loop runs under ``torch.no_grad()``; no host-device sync is made per
     step by the loop itself (the setup copies its timestep tables once, pinned and non-blocking)."""
-    plan = _Plan(scheduler_or_schedule, num_inference_steps, eta, device)
+    plan = _Plan(scheduler_or_schedule, num_inference_steps, eta, use_clipped_model_output)
+    if output_type not in _OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
     if seed is not None and generator is not None:
         raise ValueError("give at most one of seed and generator")
     if cuda_graph not in ("auto", True, False):
@@ -155,9 +193,14 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     schedule.table(device)
 
     # x_T (seed and offset as device tensors: no host copy, no sync)
+    if sample_index is not None and seed is None:
+        raise ValueError("sample_index needs seed= (one seed for the whole sample set)")
     if generator is None and seed is None:
         seed = _draw_seed()
-    seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
+    if sample_index is not None:  # per-row seeds keyed by the global index (docs/distributed.md)
+        seed_dev = ops._indexed_seed(seed, sample_index, None, B, device).to(device)
+    else:
+        seed_dev = torch.full((), seed if seed is not None else 0, dtype=torch.int64, device=device)
     offset_dev = torch.zeros((), dtype=torch.int64, device=device)
     if generator is not None:
         x = randn_like_diffusers(shape, generator, device, dtype)
@@ -191,7 +234,8 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
             if plan.eta > 0:
                 kw = dict(noise=noise) if noise is not None else dict(seed=seed_dev, offset=offset_dev)
             x_new = ops.ddim_step(out, t, x_in, schedule, prev_t=p, eta=plan.eta,
-                                  final_alpha_cumprod=plan.final_abar, guidance_scale=guidance, **kw, **plan.opts)
+                                  use_clipped_model_output=plan.use_clipped, final_alpha_cumprod=plan.final_abar,
+                                  guidance_scale=guidance, **kw, **plan.opts)
         offset_dev.add_(1)
         return x_new
 
@@ -239,8 +283,8 @@ def sample(model: Callable, shape: Sequence[int], scheduler_or_schedule, num_inf
     finally:
         bar.close()
     if return_trajectory:
-        return x, torch.stack(trajectory, 0)
-    return x
+        return _postprocess(x, output_type), torch.stack(trajectory, 0)
+    return _postprocess(x, output_type)
 
 
 def _graph_loop(body, x, i0, n, t_rows, p_rows, tmodel_rows, device, after, *, strict, names):

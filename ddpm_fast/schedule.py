@@ -85,14 +85,20 @@ class NoiseSchedule:
     ``sqrt_recipm1_alphas_cumprod``, ``posterior_variance``, ``posterior_log_variance_clipped``,
     ``posterior_mean_coef_x0``, ``posterior_mean_coef_xt``. ``timestep_map`` maps each index to
     the original training timestep (identity unless respaced).
+
+    ``check_range=False`` accepts any finite betas (the drop-in schedulers take what diffusers'
+    constructors take); tables then hold NaN/inf where ``abar`` leaves [0, 1), and the caller
+    keeps steps away from those timesteps.
     """
 
-    def __init__(self, betas, timestep_map: Optional[Sequence[int]] = None):
+    def __init__(self, betas, timestep_map: Optional[Sequence[int]] = None, *, check_range: bool = True):
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas <= 1)).all()):
+        if check_range and not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")
+        if not bool(torch.isfinite(betas).all()):
+            raise ValueError("betas must be finite")
         self.betas = betas
         T = betas.numel()
         self.num_timesteps = T

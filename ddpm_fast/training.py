@@ -8,6 +8,12 @@ seeded with ``splitmix64(seed, offset)`` (so they do not touch torch's global ge
 copied to the data's device; the noise is the §3 noise of ``(seed, offset)``, which
 :func:`~ddpm_fast.q_sample` and :func:`~ddpm_fast.diffusion_loss` both regenerate, so no noise
 tensor is kept between forward and backward.
+
+With ``sample_index=`` (the rows' global indices in the step's batch) everything random about a
+row is a pure function of ``(seed, offset, sample_index[b])`` instead: its noise is keyed by
+:func:`ddpm_fast.noise.row_seeds` and its timestep drawn from :func:`ddpm_fast.noise.row_bits`
+(:meth:`UniformSampler.sample_from_bits`), so a batch split over any number of ranks gives every
+row what one process gives it (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .noise import row_bits
 from .schedule import NoiseSchedule
 
 __all__ = ["training_loss", "NoiseStream", "UniformSampler", "LossAwareSampler", "timestep_generator"]
@@ -89,7 +96,24 @@ class UniformSampler:
         weights = (1.0 / (self.num_timesteps * p[t])).to(torch.float32)
         return t, weights
 
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+    def sample_from_bits(self, bits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(t, w)`` from 63 random bits per row (the ``sample_index=`` path of
+        :func:`training_loss`), on ``bits``' device, each row's ``t`` a function of its own bits and
+        :meth:`weights` only. Uniform weights: ``t = bits mod T`` (uniform on ``[0, T)`` within
+        ``T / 2^63``), ``w = 1``. Otherwise the inverse CDF of ``p = weights / sum`` (float64) at
+        ``u = floor(bits / 2^10) * 2^-53`` in ``[0, 1)``, ``w = 1 / (T p_t)``."""
+        w = self.weights()
+        T = self.num_timesteps
+        if np.all(w == w[0]):
+            return bits % T, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+        p = torch.from_numpy(w / w.sum())
+        cdf = torch.cumsum(p, 0).to(bits.device)
+        u = (bits >> 10).to(torch.float64) * 2.0 ** -53
+        t = torch.searchsorted(cdf, u, right=True).clamp_(max=T - 1)
+        weights = (1.0 / (T * p.to(bits.device)[t])).to(torch.float32)
+        return t, weights
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor, sample_index: Optional[torch.Tensor] = None) -> None:
         """Record per-sample losses (nothing to do for the uniform sampler)."""
 
 
@@ -99,10 +123,15 @@ class LossAwareSampler(UniformSampler):
     ``uniform_prob`` of the uniform distribution; uniform until every ``t`` has a full history.
 
     :meth:`update` copies the batch's ``(t, loss)`` to the host (one device-to-host copy per
-    training step, as improved-diffusion's all-gather does); :func:`training_loss` calls it."""
+    training step, as improved-diffusion's all-gather does); :func:`training_loss` calls it.
+    With ``sample_index`` (``training_loss(..., sample_index=...)``) the rows are recorded in the
+    order of their global index and, when a ``torch.distributed`` process group of more than one
+    rank is initialised, after an all-gather of ``(index, t, loss)`` over ``group`` (default: the
+    world), so every rank holds the state one process would, and draws the same timesteps."""
 
-    def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001):
+    def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001, group=None):
         super().__init__(num_timesteps)
+        self.group = group
         if history_per_term < 1:
             raise ValueError(f"history_per_term must be >= 1, got {history_per_term}")
         if not 0.0 <= uniform_prob <= 1.0:
@@ -123,7 +152,13 @@ class LossAwareSampler(UniformSampler):
         w = w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
         return w
 
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+    def update(self, t: torch.Tensor, losses: torch.Tensor, sample_index: Optional[torch.Tensor] = None) -> None:
+        if sample_index is not None:
+            from .distributed import all_gather_rows
+
+            index, t, losses = all_gather_rows(sample_index.to(t.device), t, losses.detach(), group=self.group)
+            order = torch.argsort(index.to("cpu"))
+            t, losses = t.to("cpu")[order], losses.to("cpu")[order]
         ts = t.detach().to("cpu", torch.int64).numpy()
         ls = losses.detach().to("cpu", torch.float64).numpy()
         for ti, li in zip(ts.tolist(), ls.tolist()):
@@ -156,7 +191,8 @@ def _unwrap(out) -> torch.Tensor:
 def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseStream], offset: int = 0,
                   target: str = "epsilon", snr_gamma: Optional[float] = None, timestep_sampler=None,
                   hybrid: bool = False, variance_type: str = "learned_range", reduction: str = "mean",
-                  return_details: bool = False, backend: Optional[str] = None):
+                  sample_index: Optional[torch.Tensor] = None, return_details: bool = False,
+                  backend: Optional[str] = None):
     """The DDPM training loss of one batch.
 
     1. ``t`` (B,) drawn by ``timestep_sampler`` (default uniform) from
@@ -173,8 +209,14 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     ``schedule``: a :class:`NoiseSchedule` or one of our schedulers (its ``schedule``).
     ``seed``: an int with ``offset`` the step counter, or a :class:`NoiseStream` (its next pair is
     used and it advances). ``target``: ``epsilon``, ``sample`` or ``v_prediction``.
-    ``snr_gamma``: min-SNR-gamma weights. Returns the loss (fp32), or ``(loss, details)`` with
-    ``details = {"t", "weights", "losses", "seed", "offset"}`` when ``return_details``."""
+    ``snr_gamma``: min-SNR-gamma weights. ``sample_index``: a ``(B,)`` int64 tensor of the rows'
+    global indices in the step's batch (e.g. ``arange(start, start + B)`` on a rank holding rows
+    ``start..start+B-1``): then row ``b``'s timestep is ``timestep_sampler.sample_from_bits(
+    row_bits(seed, offset, sample_index))`` and its noise is keyed by ``(seed, offset,
+    sample_index[b])`` (docs/distributed.md), so a DDP step over a split batch sees what one
+    process sees; pass it on the CPU (the keys are computed where it lives, then copied).
+    Returns the loss (fp32), or ``(loss, details)`` with ``details = {"t", "weights", "losses",
+    "seed", "offset", "sample_index"}`` when ``return_details``."""
     if not isinstance(schedule, NoiseSchedule):
         inner = getattr(schedule, "schedule", None)
         if not isinstance(inner, NoiseSchedule):
@@ -197,22 +239,33 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
         raise ValueError(f"timestep_sampler has {timestep_sampler.num_timesteps} timesteps, the schedule "
                          f"{schedule.num_timesteps}")
     B = x0.shape[0]
-    t_cpu, w_cpu = timestep_sampler.sample(B, timestep_generator(seed, offset))
     dev = x0.device
+    noise_seed = seed
+    if sample_index is None:
+        t_cpu, w_cpu = timestep_sampler.sample(B, timestep_generator(seed, offset))
+    else:
+        noise_seed = ops._indexed_seed(seed, sample_index, None, B, dev).to(dev)
+        if not hasattr(timestep_sampler, "sample_from_bits"):
+            raise TypeError(f"timestep_sampler {type(timestep_sampler).__name__} has no sample_from_bits(bits), "
+                            "which sample_index= needs (each row's timestep from its own random bits)")
+        t_cpu, w_cpu = timestep_sampler.sample_from_bits(row_bits(seed, offset, sample_index))
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
-    t_model = schedule.timestep_map[t_cpu].to(dev)
+    t_model = schedule.timestep_map.to(t_cpu.device)[t_cpu].to(dev)
     with torch.no_grad() if not x0.requires_grad else contextlib.nullcontext():
-        x_t = ops.q_sample(x0, t, schedule, seed=seed, offset=offset, backend=backend)
+        x_t = ops.q_sample(x0, t, schedule, seed=noise_seed, offset=offset, backend=backend)
     out = _unwrap(model(x_t, t_model))
     if hybrid:
-        per_sample = ops.hybrid_loss(out, x0, t, schedule, seed=seed, offset=offset, prediction_type=target,
+        per_sample = ops.hybrid_loss(out, x0, t, schedule, seed=noise_seed, offset=offset, prediction_type=target,
                                      variance_type=variance_type, snr_gamma=snr_gamma, reduction="none",
                                      backend=backend)
     else:
-        per_sample = ops.diffusion_loss(out, x0, t, schedule, target=target, seed=seed, offset=offset,
+        per_sample = ops.diffusion_loss(out, x0, t, schedule, target=target, seed=noise_seed, offset=offset,
                                         snr_gamma=snr_gamma, reduction="none", backend=backend)
-    timestep_sampler.update(t, per_sample.detach())
+    if sample_index is None:
+        timestep_sampler.update(t, per_sample.detach())
+    else:
+        timestep_sampler.update(t, per_sample.detach(), sample_index=sample_index)
     weighted = per_sample * w
     if reduction == "mean":
         loss = weighted.mean()
@@ -221,5 +274,6 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     else:
         loss = weighted
     if return_details:
-        return loss, {"t": t, "weights": w, "losses": per_sample.detach(), "seed": seed, "offset": offset}
+        return loss, {"t": t, "weights": w, "losses": per_sample.detach(), "seed": seed, "offset": offset,
+                      "sample_index": sample_index}
     return loss

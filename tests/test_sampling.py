@@ -73,7 +73,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent():
 
 
 def test_seeded_loop_is_the_documented_noise_stream():
-    """x_T is §3 noise at offset 0, step i uses offset 1 + i."""
+    """x_T is the counter noise at offset 0, step i uses offset 1 + i."""
     model = Recorder()
     s = DDPMScheduler(num_train_timesteps=50, clip_sample=False)
     with torch.no_grad():
@@ -183,6 +183,89 @@ def test_bad_inputs():
         sample(model, (2, 2), NoiseSchedule.from_name("linear", 10), 11, progress=False)
     with pytest.raises(TypeError, match="model must return"):
         sample(lambda x, t: "nope", (2, 2), s, 2, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipelines' __call__ options (docs/diffusers.md)
+# --------------------------------------------------------------------------------------------
+@needs_diffusers
+def test_use_clipped_model_output_matches_the_ddim_loop():
+    """use_clipped_model_output=True re-derives epsilon from the clipped x0 (diffusers'
+    DDIMScheduler.step option, improved-diffusion's DDIM loop): equal to diffusers' loop on our
+    float64 tables, and far from the unclipped-epsilon run."""
+    model = Recorder()
+    W = model.W.detach() * 6  # a large output, so x0_hat is clipped at the noisy steps
+
+    def big(x, t):
+        return torch.tanh(x.float() @ W.T) * 3
+
+    ours = DDIMScheduler(clip_sample=True)
+    with torch.no_grad():
+        x = sample(big, (6, 2), ours, 12, eta=0.5, use_clipped_model_output=True,
+                   generator=torch.Generator().manual_seed(2), progress=False)
+        plain = sample(big, (6, 2), DDIMScheduler(clip_sample=True), 12, eta=0.5,
+                       generator=torch.Generator().manual_seed(2), progress=False)
+        d = diffusers.DDIMScheduler(clip_sample=True)
+        d.alphas_cumprod = ours.schedule.alphas_cumprod.clone()
+        d.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+        g = torch.Generator().manual_seed(2)
+        ref = torch.randn((6, 2), generator=g)
+        d.set_timesteps(12)
+        for t in d.timesteps:
+            ref = d.step(big(ref, t), t, ref, eta=0.5, use_clipped_model_output=True, generator=g).prev_sample
+    diff = (x.double() - ref.double()).abs()
+    assert bool((diff <= 2e-5 * (1 + ref.double().abs())).all()), diff.max()
+    assert float((x - plain).abs().max()) > 0.1
+
+
+def test_output_type_gives_the_pipelines_images():
+    def img_model(x, t):
+        return torch.tanh(x) * 0.1 * (1 + t.float().reshape(-1, 1, 1, 1) / 50)
+
+    s = DDIMScheduler(num_train_timesteps=50, clip_sample=False)
+    with torch.no_grad():
+        raw = sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False)
+        pt = sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False, output_type="pt")
+        arr = sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False, output_type="np")
+        pil = sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False, output_type="pil")
+        x, traj = sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False, output_type="pt",
+                         return_trajectory=True)
+    torch.testing.assert_close(pt, (raw / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    assert arr.shape == (2, 4, 5, 3) and arr.dtype.name == "float32"
+    torch.testing.assert_close(torch.from_numpy(arr), pt.permute(0, 2, 3, 1), rtol=0, atol=0)
+    assert len(pil) == 2 and pil[0].size == (5, 4) and pil[0].mode == "RGB"
+    torch.testing.assert_close(traj[-1], raw, rtol=0, atol=0)  # the trajectory stays in model space
+    with pytest.raises(ValueError, match="output_type"):
+        sample(img_model, (2, 3, 4, 5), s, 5, seed=1, progress=False, output_type="latent")
+    with pytest.raises(ValueError, match="image-shaped"):
+        sample(Recorder(), (2, 2), s, 5, seed=1, progress=False, output_type="np")
+
+
+def test_parallel_schedulers_sample_as_their_parents_and_inverse_is_refused():
+    model = Recorder()
+    with torch.no_grad():
+        for parent, child, kw in ((DDPMScheduler, ddpm_fast.DDPMParallelScheduler, {}),
+                                  (DDIMScheduler, ddpm_fast.DDIMParallelScheduler, dict(eta=0.5))):
+            a = sample(model, (3, 2), parent(num_train_timesteps=100, clip_sample=False), 10, seed=3,
+                       progress=False, **kw)
+            b = sample(model, (3, 2), child(num_train_timesteps=100, clip_sample=False), 10, seed=3,
+                       progress=False, **kw)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="DDIMInverseScheduler"):
+        sample(model, (3, 2), ddpm_fast.DDIMInverseScheduler(), 10, progress=False)
+    with pytest.raises(ValueError, match="use_clipped_model_output"):
+        sample(model, (3, 2), DDPMScheduler(), 10, use_clipped_model_output=True, progress=False)
+
+
+def test_a_generator_leaves_the_global_generator_alone():
+    """With a generator nothing is drawn from torch's global generator (its state is unchanged),
+    so generator=torch.manual_seed(0) sees exactly the draws a diffusers pipeline makes."""
+    model = Recorder()
+    for s, kw in ((DDPMScheduler(num_train_timesteps=50), {}), (DDIMScheduler(num_train_timesteps=50), dict(eta=1.0))):
+        before = torch.random.get_rng_state()
+        with torch.no_grad():
+            sample(model, (3, 2), s, 5, generator=torch.Generator().manual_seed(0), progress=False, **kw)
+        assert torch.equal(torch.random.get_rng_state(), before)
 
 
 @needs_cuda

@@ -1,5 +1,6 @@
-"""The drop-in schedulers (ddpm_fast/schedulers.py) against diffusers' DDPMScheduler and
-DDIMScheduler (REFERENCE §2), the deliberate differences (§7), and their errors.
+"""The drop-in schedulers (ddpm_fast/schedulers/) against diffusers' DDPMScheduler and
+DDIMScheduler, the deliberate differences (docs/diffusers.md), what diffusers accepts and we
+accept too, and the errors.
 
 Tolerances against diffusers. diffusers builds its tables in fp32; ours are float64, so the two
 differ by diffusers' own table rounding (~1e-4 relative on ``x0_hat`` at extreme timesteps, far
@@ -102,12 +103,12 @@ def _draw_config(rng: random.Random, kind: str):
         cfg["set_alpha_to_one"] = rng.random() < 0.5
     n = rng.randint(1, min(T, 12))
     if kind == "ddim" and cfg["timestep_spacing"] == "trailing":
-        while T % n:  # trailing with n | T: diffusers' t - T//n is then the next entry (else §7)
+        while T % n:  # trailing with n | T: diffusers' t - T//n is then the next entry (else a deliberate difference)
             n -= 1
     if cfg["timestep_spacing"] == "leading" and (n - 1) * (T // n) + cfg["steps_offset"] >= T:
         cfg["steps_offset"] = 0
     if kind == "ddim" and cfg["timestep_spacing"] == "leading" and cfg["steps_offset"] >= T // n:
-        cfg["steps_offset"] = 0  # diffusers' last step then goes to t = offset - T//n >= 0 (§7 test)
+        cfg["steps_offset"] = 0  # diffusers' last step then goes to t = offset - T//n >= 0 (a difference tested below)
     if cfg["rescale_betas_zero_snr"] and cfg["prediction_type"] == "epsilon":
         # x0_hat = +-inf at abar = 0: clipping gives both the same value; thresholding would not
         # (torch.quantile of an inf row is NaN in diffusers, finite in ours: test_reference_math.py)
@@ -118,7 +119,7 @@ def _draw_config(rng: random.Random, kind: str):
 def _model_output(cfg, x, g):
     mo = torch.randn(x.shape, generator=g)
     vt = cfg.get("variance_type")
-    if vt == "learned":  # diffusers' meaning: a variance (positive here; negative is a §7 test)
+    if vt == "learned":  # diffusers' meaning: a variance (positive here; negative is tested below)
         mo = torch.cat([mo, torch.rand(x.shape, generator=g) * 0.05 + 1e-4], 1)
     elif vt == "learned_range":
         mo = torch.cat([mo, torch.rand(x.shape, generator=g) * 2 - 1], 1)
@@ -250,8 +251,8 @@ def test_add_noise_and_get_velocity(dtype):
     torch.testing.assert_close(o.add_noise(x0, noise, torch.tensor(500)), o.add_noise(x0, noise, 500))
 
 
-def test_s7_add_noise_half_precision_keeps_the_noise():
-    """§7: diffusers rounds abar to bf16, where abar_t = 1 for t = 0..9 of the linear schedule (so
+def test_difference_add_noise_half_precision_keeps_the_noise():
+    """Difference: diffusers rounds abar to bf16, where abar_t = 1 for t = 0..9 of the linear schedule (so
     no noise is added); ours keeps fp32 math from float64 coefficients."""
     o = DDPMScheduler()
     x0 = torch.zeros(10, 4, dtype=torch.bfloat16)
@@ -294,7 +295,7 @@ def test_ddpm_pipeline_runs_with_our_scheduler():
 
 @needs_diffusers
 def test_ddim_pipeline_after_assigning_our_scheduler():
-    """§7: DDIMPipeline converts its scheduler with diffusers' DDIMScheduler.from_config in its
+    """DDIMPipeline converts its scheduler with diffusers' DDIMScheduler.from_config in its
     constructor; assigning ours afterwards keeps it."""
     unet = _tiny_unet()
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
@@ -356,11 +357,23 @@ s.set_timesteps(10)
 x = torch.randn(2, 3)
 out = s.step(torch.randn(2, 3), s.timesteps[0], x)
 assert out.prev_sample.shape == (2, 3) and out[0] is out.prev_sample and len(out.to_tuple()) == 2
+import copy, pickle
+assert pickle.loads(pickle.dumps(s)).config == s.config and copy.deepcopy(s).config == s.config
+inv = S.DDIMInverseScheduler(num_train_timesteps=40, timestep_spacing="trailing")
+inv.save_pretrained({str(tmp_path / 'inv')!r})
+assert "kwargs" not in inv.config
+assert S.DDIMInverseScheduler.from_pretrained({str(tmp_path / 'inv')!r}).config == inv.config
+inv.set_timesteps(4)
+assert inv.timesteps.tolist() == [9, 19, 29, 39] and inv.step(torch.randn(2, 3), 19, x).prev_sample.shape == (2, 3)
+par = S.DDIMParallelScheduler(num_train_timesteps=40)
+par.set_timesteps(4)
+assert par.batch_step_no_noise(torch.randn(2, 3), torch.tensor([30, 0]), x).shape == (2, 3)
 print("ok")
 """
     env = dict(os.environ, DDPM_FAST_NO_DIFFUSERS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert diffusers.DDIMInverseScheduler.from_pretrained(tmp_path / "inv").config.timestep_spacing == "trailing"
     loaded = diffusers.DDPMScheduler.from_pretrained(tmp_path / "o")
     assert loaded.config.num_train_timesteps == 300 and loaded.config.variance_type == "fixed_large"
     assert loaded.config.beta_schedule == "squaredcos_cap_v2"
@@ -388,16 +401,20 @@ def test_per_sample_timesteps_equal_rows_run_one_by_one(kind):
         torch.testing.assert_close(both.pred_original_sample[b:b + 1], row.pred_original_sample, rtol=0, atol=0)
 
 
-def test_s7_noise_without_generator_is_the_counter_noise():
-    """§7: without a generator the noise is §3's (seed, offset): the seed drawn from torch's global
-    generator at set_timesteps, the offset advancing by one per step; row b is batch-independent."""
+def test_noise_without_generator_is_the_counter_noise():
+    """Without a generator the noise is the counter noise of (seed, offset): the seed drawn from
+    torch's global generator at the first step that needs noise (not at construction or
+    set_timesteps), the offset advancing by one per step; row b is batch-independent."""
+    x = torch.randn(4, 3)
+    mo = torch.randn(4, 3)
     torch.manual_seed(5)
     s = DDPMScheduler(clip_sample=False)
     s.set_timesteps(10)
-    seed = s._noise_seed
-    x = torch.randn(4, 3)
-    mo = torch.randn(4, 3)
+    assert s._noise_seed is None
     outs = [s.step(mo, s.timesteps[k], x).prev_sample for k in range(3)]
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+    assert s._noise_seed == seed  # the first global draw after manual_seed(5)
     assert int(s.noise_offset) == 3
     for k in range(3):
         expect = ddpm_fast.ddpm_step(mo, int(s.timesteps[k]), x, s.schedule, prev_t=int(s.timesteps[k + 1]),
@@ -407,13 +424,12 @@ def test_s7_noise_without_generator_is_the_counter_noise():
     torch.manual_seed(5)
     s2 = DDPMScheduler(clip_sample=False)
     s2.set_timesteps(10)
-    assert s2._noise_seed == seed  # torch.manual_seed controls it
     torch.testing.assert_close(s2.step(mo[:2], s.timesteps[0], x[:2]).prev_sample, outs[0][:2], rtol=0, atol=0)
 
 
 def test_device_tensor_timesteps_on_cpu_and_prev_lookup():
     s = DDIMScheduler(timestep_spacing="trailing")
-    s.set_timesteps(7)  # 7 does not divide 1000: diffusers' t - T//n differs here (§7)
+    s.set_timesteps(7)  # 7 does not divide 1000: diffusers' t - T//n differs here (a deliberate difference)
     ts = s.timesteps.tolist()
     x, mo = torch.randn(3, 2), torch.randn(3, 2)
     for i, t in enumerate(ts):
@@ -446,10 +462,10 @@ def test_step_makes_no_host_sync_on_cuda(kind):
 
 
 # --------------------------------------------------------------------------------------------
-# §7 differences
+# deliberate differences (docs/diffusers.md)
 # --------------------------------------------------------------------------------------------
 @needs_diffusers
-def test_s7_fixed_large_log_is_finite_and_equals_fixed_large():
+def test_difference_fixed_large_log_is_finite_and_equals_fixed_large():
     x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     outs = []
     for vt in ("fixed_large_log", "fixed_large"):
@@ -464,7 +480,7 @@ def test_s7_fixed_large_log_is_finite_and_equals_fixed_large():
 
 
 @needs_diffusers
-def test_s7_learned_keeps_diffusers_meaning_a_variance():
+def test_difference_learned_keeps_diffusers_meaning_a_variance():
     x = torch.randn(2, 3, 4, 4)
     pred = torch.randn(2, 3, 4, 4)
     var = torch.rand(2, 3, 4, 4) * 0.02 + 1e-3
@@ -483,7 +499,7 @@ def test_s7_learned_keeps_diffusers_meaning_a_variance():
 @needs_diffusers
 @pytest.mark.parametrize("spacing,n,T,offset", [("linspace", 10, 1000, 0), ("trailing", 7, 1000, 0),
                                                ("leading", 8, 10, 1)])
-def test_s7_ddim_previous_timestep_is_the_next_entry(spacing, n, T, offset):
+def test_difference_ddim_previous_timestep_is_the_next_entry(spacing, n, T, offset):
     """diffusers' DDIM steps from t to t - T // n: wrong for linspace, for trailing when n does not
     divide T, and for leading when steps_offset >= T // n (its last step then goes to t = offset -
     T // n >= 0 instead of the final alpha). Ours: the next entry of the schedule, always."""
@@ -509,7 +525,7 @@ def test_s7_ddim_previous_timestep_is_the_next_entry(spacing, n, T, offset):
 def test_zero_snr_ddim_eta_one_is_finite():
     """At abar_t = 0 (zero-SNR rescaling, trailing spacing) with eta = 1, ``1 - abar_prev -
     sigma^2`` is 0 in exact math; diffusers' rounding makes it slightly negative and its square
-    root NaN. Ours clamps it at 0: the step stays finite (no NaN from finite inputs, §6)."""
+    root NaN. Ours clamps it at 0: the step stays finite (no NaN from finite inputs)."""
     cfg = dict(num_train_timesteps=10, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True,
                timestep_spacing="trailing", clip_sample_range=2.0)
     o, d = DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg)
@@ -523,7 +539,7 @@ def test_zero_snr_ddim_eta_one_is_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_s7_half_inputs_keep_fp32_math(dtype):
+def test_difference_half_inputs_keep_fp32_math(dtype):
     s = DDPMScheduler(prediction_type="v_prediction")
     s.set_timesteps(20)
     x = torch.randn(2, 3, 4, 4).to(dtype)
@@ -535,7 +551,7 @@ def test_s7_half_inputs_keep_fp32_math(dtype):
     torch.testing.assert_close(half.prev_sample, full.prev_sample.to(dtype), rtol=0, atol=0)
 
 
-def test_s7_tables_are_float64():
+def test_difference_tables_are_float64():
     s = DDPMScheduler(rescale_betas_zero_snr=True)
     assert s.schedule.alphas_cumprod.dtype == torch.float64
     assert float(s.schedule.alphas_cumprod[-1]) == 0.0
@@ -586,8 +602,6 @@ def test_bad_inputs():
         DDPMScheduler(beta_schedule="quadratic")
     with pytest.raises(NotImplementedError):
         DDIMScheduler(beta_schedule="sigmoid")  # diffusers' DDIM has no sigmoid either
-    with pytest.raises(ValueError, match="trained_betas"):
-        DDPMScheduler(num_train_timesteps=10, trained_betas=[0.1] * 9)
     s = DDPMScheduler(num_train_timesteps=100)
     with pytest.raises(ValueError, match="cannot be larger"):
         s.set_timesteps(101)
@@ -619,3 +633,145 @@ def test_bad_inputs():
         d.step(mo, d.timesteps[0], x, eta=0.5, generator=torch.Generator(), variance_noise=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="eta"):
         d.step(mo, d.timesteps[0], x, eta=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# what diffusers accepts, we accept (docs/diffusers.md, "Accepted as diffusers accepts it")
+# --------------------------------------------------------------------------------------------
+@needs_diffusers
+@pytest.mark.parametrize("spacing,n,t", [("leading", 10, 955), ("leading", 10, 5), ("trailing", 7, 500),
+                                         ("linspace", 10, 350)])
+def test_ddim_step_off_schedule_uses_diffusers_rule(spacing, n, t):
+    """A DDIM step at a timestep that is not in the schedule goes to diffusers' t - T // n (past
+    the end when negative); timesteps of the schedule keep going to the next entry."""
+    o, d = DDIMScheduler(timestep_spacing=spacing), diffusers.DDIMScheduler(timestep_spacing=spacing)
+    o.set_timesteps(n), d.set_timesteps(n)
+    _with_float64_tables(d, o)
+    assert t not in o.timesteps.tolist()
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    noise = torch.randn(2, 3, 4, 4)
+    for eta in (0.0, 0.7):
+        a = o.step(mo, t, x, eta=eta, variance_noise=noise)
+        b = d.step(mo, t, x, eta=eta, variance_noise=noise)
+        _tight(a.prev_sample, b.prev_sample)
+        _tight(a.pred_original_sample, b.pred_original_sample)
+    prev = max(t - 1000 // n, -1)
+    torch.testing.assert_close(o.step(mo, t, x).prev_sample,
+                               ddpm_fast.ddim_step(mo, t, x, o.schedule, prev_t=prev), rtol=0, atol=0)
+    # per-row host timesteps mixing a scheduled and an off-schedule one
+    t0 = int(o.timesteps[0])
+    rows = o.step(mo, torch.tensor([t, t0]), x).prev_sample
+    torch.testing.assert_close(rows[:1], o.step(mo[:1], t, x[:1]).prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(rows[1:], o.step(mo[1:], t0, x[1:]).prev_sample, rtol=0, atol=0)
+
+
+@needs_diffusers
+def test_ddpm_step_off_schedule_still_raises_as_diffusers_does():
+    o, d = DDPMScheduler(), diffusers.DDPMScheduler()
+    o.set_timesteps(10), d.set_timesteps(10)
+    x, mo = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(IndexError):
+        d.step(mo, 955, x)
+    with pytest.raises(IndexError, match="not in this scheduler's timesteps"):
+        o.step(mo, 955, x)
+    with pytest.raises(ValueError):  # the same error is also a ValueError (bad argument)
+        o.step(mo, 955, x)
+    assert issubclass(S.TimestepNotInScheduleError, (IndexError, ValueError))
+
+
+@needs_diffusers
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_trained_betas_of_any_length(kind):
+    """diffusers builds its tables from trained_betas whatever num_train_timesteps says; so do we.
+    Steps at timesteps the tables hold match; beyond them both refuse (diffusers: IndexError)."""
+    ours_cls, their_cls = (DDPMScheduler, diffusers.DDPMScheduler) if kind == "ddpm" else (DDIMScheduler,
+                                                                                           diffusers.DDIMScheduler)
+    betas = np.linspace(1e-4, 0.05, 100).tolist()
+    o, d = ours_cls(trained_betas=betas, clip_sample=False), their_cls(trained_betas=betas, clip_sample=False)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(o.config) == strip(d.config) and len(o) == len(d) == 1000
+    assert o.schedule.num_timesteps == 100 and o.alphas_cumprod.shape == d.alphas_cumprod.shape == (100,)
+    o.set_timesteps(20), d.set_timesteps(20)
+    assert torch.equal(o.timesteps, d.timesteps)
+    _with_float64_tables(d, o)
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = 50
+    a = o.step(mo, t, x, generator=torch.Generator().manual_seed(0))
+    b = d.step(mo, t, x, generator=torch.Generator().manual_seed(0))
+    _tight(a.prev_sample, b.prev_sample)
+    with pytest.raises(IndexError):
+        d.step(mo, 900, x, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        o.step(mo, 900, x)
+    longer = ours_cls(num_train_timesteps=10, trained_betas=np.linspace(1e-3, 0.1, 30))
+    longer.set_timesteps(5)
+    assert longer.timesteps.max() < 10 and longer.schedule.num_timesteps == 30
+
+
+@needs_diffusers
+def test_beta_ranges_diffusers_accepts_construct_with_a_warning():
+    """beta_start = 0 (abar_0 = 1): diffusers constructs and returns NaN at t = 0. Ours constructs
+    with one warning, matches diffusers where the step is finite, and raises where it is not."""
+    with pytest.warns(UserWarning, match=r"outside \(0, 1\]") as rec:
+        o = DDPMScheduler(beta_start=0.0, clip_sample=False)
+    assert len([w for w in rec if issubclass(w.category, UserWarning)]) == 1
+    d = diffusers.DDPMScheduler(beta_start=0.0, clip_sample=False)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(o.config) == strip(d.config)
+    o.set_timesteps(10), d.set_timesteps(10)
+    _with_float64_tables(d, o)
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in o.timesteps[:-1].tolist():
+        _tight(o.step(mo, t, x, generator=torch.Generator().manual_seed(t)).prev_sample,
+               d.step(mo, t, x, generator=torch.Generator().manual_seed(t)).prev_sample)
+    assert bool(torch.isnan(d.step(mo, 0, x).prev_sample).any())
+    with pytest.raises(ValueError, match="NaN"):
+        o.step(mo, 0, x)
+    # DDIM: with steps_offset = 1 no step starts at t = 0, and every step matches
+    with pytest.warns(UserWarning):
+        od = DDIMScheduler(beta_start=0.0, steps_offset=1, clip_sample=False)
+    dd = diffusers.DDIMScheduler(beta_start=0.0, steps_offset=1, clip_sample=False)
+    od.set_timesteps(10), dd.set_timesteps(10)
+    _with_float64_tables(dd, od)
+    for t in od.timesteps.tolist():
+        _tight(od.step(mo, t, x).prev_sample, dd.step(mo, t, x).prev_sample)
+    # betas above 1 make abar negative from some t on: steps before it run, steps there raise
+    with pytest.warns(UserWarning):
+        big = DDPMScheduler(num_train_timesteps=10, beta_end=1.5, clip_sample=False)
+    bad = int(torch.nonzero(big.schedule.alphas_cumprod < 0)[0])
+    big.set_timesteps(10)
+    assert bool(torch.isfinite(big.step(mo, bad - 1, x, generator=torch.Generator()).prev_sample).all())
+    with pytest.raises(ValueError, match="NaN"):
+        big.step(mo, bad, x)
+    with pytest.raises(ValueError, match="finite"):
+        DDPMScheduler(trained_betas=[0.1, float("nan")])
+
+
+@needs_diffusers
+def test_unknown_option_values_still_raise_where_diffusers_constructs():
+    """Deliberate difference: diffusers' constructors take any string and fail (or silently fall
+    through) later; ours name the bad value at construction."""
+    for ours_cls, their_cls, kw in [(DDPMScheduler, diffusers.DDPMScheduler, dict(variance_type="other")),
+                                    (DDPMScheduler, diffusers.DDPMScheduler, dict(prediction_type="noise")),
+                                    (DDIMScheduler, diffusers.DDIMScheduler, dict(timestep_spacing="weird"))]:
+        their_cls(**kw)  # diffusers constructs
+        with pytest.raises(ValueError, match=list(kw)[0]):
+            ours_cls(**kw)
+
+
+@needs_diffusers
+def test_get_variance_matches_diffusers():
+    """_get_variance (read by some pipelines) from the float64 tables by reference's formulas."""
+    for vt in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+        o, d = DDPMScheduler(variance_type=vt), diffusers.DDPMScheduler(variance_type=vt)
+        o.set_timesteps(10), d.set_timesteps(10)
+        for t in (900, 500, 0):
+            torch.testing.assert_close(o._get_variance(t), d._get_variance(t).float(), rtol=1e-4, atol=1e-7)
+    pv = torch.rand(2, 3) * 2 - 1
+    o, d = DDPMScheduler(variance_type="learned_range"), diffusers.DDPMScheduler(variance_type="learned_range")
+    torch.testing.assert_close(o._get_variance(500, pv), d._get_variance(500, pv), rtol=1e-4, atol=1e-6)
+    o, d = DDIMScheduler(set_alpha_to_one=False), diffusers.DDIMScheduler(set_alpha_to_one=False)
+    o.set_timesteps(10), d.set_timesteps(10)
+    for t, p in ((900, 800), (0, -100)):
+        torch.testing.assert_close(o._get_variance(t, p), d._get_variance(t, p), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(o._get_variance(900), d._get_variance(900, 800))
