@@ -36,7 +36,7 @@ def scorer(split):
 def test_split_and_scaling(split):
     x_tr, y_tr, x_te, y_te = split
     assert x_tr.shape == (1257, 64) and x_te.shape == (540, 64)
-    assert np.bincount(y_te, minlength=10).min() >= 53  # stratified
+    assert np.bincount(y_te, minlength=10).min() >= 52 and np.bincount(y_te, minlength=10).max() <= 55  # stratified
     x = digits.to_model_space(x_tr)
     assert x.shape == (1257, 1, 8, 8) and x.min() == -1.0 and x.max() == 1.0
     np.testing.assert_allclose(digits.to_pixels(x), x_tr, atol=1e-5)
@@ -92,6 +92,14 @@ def test_tiny_unet_fallback_trains():
         digits.make_model("mlp")
 
 
+def test_auto_model_without_diffusers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    net, name = digits.make_model("auto")
+    assert isinstance(net, digits.TinyUNet) and "TinyUNet" in name
+    with pytest.raises(ImportError):
+        digits.make_model("unet")
+
+
 def test_quick_run_trains_and_passes_the_quick_check(tmp_path, capsys):
     threads = torch.get_num_threads()
     rc = digits.main(["--quick", "--out", str(tmp_path), "--no-progress", "--check"])
@@ -141,15 +149,23 @@ def test_entry_points_and_bad_arguments(capsys):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_torchrun_two_ranks(tmp_path):
-    """Two gloo ranks on the CPU: DDP training, each rank samples its share, rank 0 gathers them."""
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """Two gloo ranks on the CPU (DDP training on each rank's block of the global batch, each rank
+    sampling its block, rank 0 gathering) give one process's run: the rows are keyed by their
+    global index, so only fp32 reduction order differs."""
+    small = ["--iterations", "6", "--batch", "16", "--timesteps", "8", "--ddim-steps", "4", "--samples", "21",
+             "--no-progress", "--no-plot"]
+    two, one = tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "examples", "digits.py"), "--iterations", "6", "--batch", "16", "--timesteps", "8",
-           "--ddim-steps", "4", "--samples", "21", "--out", str(tmp_path), "--no-progress", "--no-plot"]
+           os.path.join(ROOT, "examples", "digits.py"), *small, "--out", str(two)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads((tmp_path / "digits.json").read_text())
-    assert report["config"]["world_size"] == 2
+    assert digits.main([*small, "--out", str(one)]) == 0
+    a, b = (json.loads((d / "digits.json").read_text()) for d in (one, two))
+    assert a["config"]["world_size"] == 1 and b["config"]["world_size"] == 2
+    np.testing.assert_allclose(b["loss"]["curve"], a["loss"]["curve"], rtol=1e-5, atol=1e-6)
     for name in ("ddim", "ddpm"):
-        assert report["samplers"][name]["n"] == 21
-        assert np.load(tmp_path / f"samples_{name}.npy").shape == (21, 64)
+        assert b["samplers"][name]["n"] == 21
+        x1, x2 = (np.load(d / f"samples_{name}.npy") for d in (one, two))
+        assert x2.shape == (21, 64)
+        np.testing.assert_allclose(x2, x1, atol=0.02)  # pixels in [0, 16]; measured 6e-4 after 6 Adam steps
