@@ -1,156 +1,164 @@
-"""Install ddpm_fast, building the native extension (ddpm_fast._C) against the installed torch.
+"""The build steps of ddpm_fast that pyproject.toml cannot declare (metadata lives there).
 
-    pip install --no-build-isolation -e .      # build against the torch already installed
+* Where torch is importable at build time (``pip install --no-build-isolation ...``,
+  ``python setup.py build_ext --inplace``, ``python -m build --no-isolation``), the native extension
+  is built now, against that torch, by ddpm_fast/_build.py (the same builder as the first use):
+  ``ddpm_fast._C`` (CPU) and, where torch has CUDA and nvcc is found, ``ddpm_fast._C_cuda``. Both go
+  into the package with a record (``_native_build.json``) of what they were built for.
+* Where it is not (pip's default build isolation installs setuptools but not your torch), nothing
+  is compiled: the package is pure Python and builds the extension at first use against the torch
+  it then runs with. This file says so in one line.
+* Either way the C++/CUDA sources ship inside the package (``ddpm_fast/_csrc``) for that first-use
+  build, and an editable install uses ``csrc/`` in place.
 
-Environment switches (each printed once):
-  DDPM_FAST_SKIP_NATIVE=1   pure-Python install (the reference and Triton backends only)
-  DDPM_FAST_FORCE_CUDA=1    build the CUDA kernels even where torch reports no CUDA (needs nvcc)
-  MAX_JOBS=N                parallel compile jobs (torch's ninja build)
-  TORCH_CUDA_ARCH_LIST      CUDA architectures, e.g. "9.0" (torch's default otherwise)
-
-A missing compiler, a failed compile or a CPU-only torch is a warning and a working install
-without that part: `ddpm_fast.backends()` then says why "native" is unavailable.
+A failed part is a loud warning and an install without that part (a CUDA failure keeps the CPU
+kernels); ``python -m ddpm_fast info`` then says what failed. pip shows this output with ``-v``.
+Switches: DDPM_FAST_SKIP_NATIVE=1 (compile nothing now), DDPM_FAST_SKIP_CUDA=1, DDPM_FAST_FORCE_CUDA=1,
+DDPM_FAST_CACHE (build folder root), MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME.
 """
-import json
+import importlib.util
 import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
-VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_INFO = "_native_build.json"  # written next to the extension: what it was built against
+CSRC = os.path.join(HERE, "csrc")
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("ddpm_fast_build", os.path.join(HERE, "ddpm_fast", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _load_builder()
 
 
 def log(msg):
     print(f"[ddpm_fast setup] {msg}", flush=True)
 
 
-def env_flag(name):
-    return os.environ.get(name, "") not in ("", "0", "false", "False")
+def banner(lines):
+    bar = "!" * 78
+    print("\n".join(["", bar] + [f"!! {ln}" for ln in lines] + [bar, ""]), file=sys.stderr, flush=True)
 
 
-SKIP_NATIVE = env_flag("DDPM_FAST_SKIP_NATIVE")
-FORCE_CUDA = env_flag("DDPM_FAST_FORCE_CUDA")
-log(f"DDPM_FAST_SKIP_NATIVE={int(SKIP_NATIVE)} DDPM_FAST_FORCE_CUDA={int(FORCE_CUDA)} "
-    f"MAX_JOBS={os.environ.get('MAX_JOBS', '(unset)')} "
-    f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(unset)')}")
-
-CPU_SOURCES = [
-    "csrc/torch_bindings.cpp",
-    "csrc/torch/cpu_ops.cpp",
-    "csrc/torch/autograd.cpp",
-    "csrc/cpu/dispatch.cpp",
-    "csrc/cpu/kernels_baseline.cpp",
-    "csrc/cpu/kernels_avx2.cpp",
-    "csrc/cpu/kernels_avx512.cpp",
-]
-CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/torch/cuda_ops.cu"]
-# -fno-math-errno / -fno-trapping-math let GCC vectorise sqrt and if-convert the selects of the
-# noise loops; neither changes a result (no -ffast-math: §3 needs IEEE arithmetic).
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # the C++ standard: torch's default
-NVCC_FLAGS = ["-O3", "-std=c++17"]
-
-
-def write_build_info(directory, info):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, BUILD_INFO), "w") as f:
-        json.dump(info, f, indent=1)
-
-
-def native_extension():
-    """(ext_modules, cmdclass) for the native build, or ([], {}) with a printed reason."""
-    if SKIP_NATIVE:
-        log("DDPM_FAST_SKIP_NATIVE is set: pure-Python install")
-        return [], {}, None
+def torch_importable():
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except Exception as e:  # no torch at build time (e.g. build isolation)
-        log(f"WARNING: torch is not importable ({e}); installing without the native extension. "
-            "Install torch first and use `pip install --no-build-isolation -e .`")
-        return [], {}, None
-    nvcc = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
-    with_cuda = bool(nvcc) and os.path.exists(nvcc) and (bool(torch.version.cuda) or FORCE_CUDA)
-    if FORCE_CUDA and not with_cuda:
-        log("WARNING: DDPM_FAST_FORCE_CUDA is set but nvcc was not found: building the CPU part only")
-    elif not with_cuda:
-        why = "torch has no CUDA" if not torch.version.cuda else "nvcc was not found"
-        log(f"building the CPU kernels only ({why})")
-    cxx_flags = list(CXX_FLAGS)
-    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
-        # at::parallel_for is inline OpenMP code when ATen uses OpenMP: without -fopenmp the glue's
-        # loops run on one thread. Compile-only: GOMP_* resolve to the runtime torch already loaded.
-        cxx_flags.append("-fopenmp")
-    defines = [("DDPM_FAST_VERSION", f'"{VERSION}"'), ("DDPM_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
-    info = {"version": VERSION, "torch_version": torch.__version__, "cuda": with_cuda,
-            "torch_cuda_version": torch.version.cuda, "built": False}
-    if with_cuda:
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-        defines += [("DDPM_FAST_WITH_CUDA", None), ("DDPM_FAST_CUDA_ARCHS", f'"{archs or "torch default"}"')]
-        # pip's CUDA wheels keep the toolkit headers (cusparse.h, ...) in site-packages/nvidia/*/include
-        for sp in sys.path:
-            for sub in ("cu13", "cu12"):
-                inc = os.path.join(sp, "nvidia", sub, "include")
-                if os.path.isdir(inc):
-                    include_dirs.append(inc)
-        ext = CUDAExtension("ddpm_fast._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include_dirs,
-                            define_macros=defines,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS})
-    else:
-        ext = CppExtension("ddpm_fast._C", CPU_SOURCES, include_dirs=include_dirs, define_macros=defines,
-                           extra_compile_args={"cxx": cxx_flags})
-
-    class TolerantBuild(BuildExtension):
-        """Builds the extension; a failure is a warning and a pure-Python install."""
-
-        def run(self):
-            try:
-                super().run()
-            except Exception as e:  # e.g. no working compiler: torch's ABI check fails before any build
-                log(f"WARNING: building the native extension failed: {type(e).__name__}: {e}")
-                log("WARNING: installing without it; ddpm_fast.backends() reports native as unavailable")
-                for ext_ in self.extensions:
-                    for d in {os.path.dirname(self.get_ext_fullpath(ext_.name)), os.path.join(HERE, "ddpm_fast")}:
-                        write_build_info(d, dict(info, built=False, error=f"{type(e).__name__}: {e}"))
-
-        def build_extension(self, extension):
-            # next to the built library, and in the source package (editable installs copy only
-            # the library there)
-            out_dirs = {os.path.dirname(self.get_ext_fullpath(extension.name)), os.path.join(HERE, "ddpm_fast")}
-            try:
-                super().build_extension(extension)
-            except Exception as e:  # compiler missing or compile error: keep the install working
-                log(f"WARNING: building the native extension failed: {e}")
-                log("WARNING: installing without it; ddpm_fast.backends() reports native as unavailable")
-                for d in out_dirs:
-                    write_build_info(d, dict(info, built=False, error=f"{type(e).__name__}: {e}"))
-                return
-            for d in out_dirs:
-                write_build_info(d, dict(info, built=True))
-            log(f"built the native extension ({'CPU + CUDA' if with_cuda else 'CPU'}) against torch "
-                f"{torch.__version__}")
-
-    return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=shutil.which("ninja") is not None)}, info
+        import torch  # noqa: F401
+    except Exception as e:  # build isolation, or no torch yet
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
-ext_modules, cmdclass, _ = native_extension()
+class NativeExtension(Extension):
+    """A library that ddpm_fast/_build.py builds (setuptools only places the result)."""
 
+    def __init__(self, name, part):
+        super().__init__(name, sources=[])
+        self.part = part
+
+
+class BuildNative(build_ext):
+    """Builds both parts with the shared builder in its persistent folder (an unchanged tree is not
+    recompiled, a changed one only in part), then copies the libraries and the record into place."""
+
+    def run(self):
+        self._record = B.build(CSRC, at_install=True)
+        cpu, cuda = self._record.get("cpu", {}), self._record.get("cuda", {})
+        failed = [(n, e) for n, e in (("CPU", cpu), ("CUDA", cuda)) if e.get("attempted") and not e.get("built")]
+        if failed:
+            banner([f"ddpm_fast: the native {n} kernels FAILED to build: {e.get('error')}" for n, e in failed]
+                   + ["the install goes on without them" + (" (the CPU kernels are built)" if cpu.get("built") else
+                                                            "; the reference backend still works"),
+                      "`python -m ddpm_fast info` reports it; fix, then `python -m ddpm_fast._build --force`"])
+        else:
+            log(f"native extension: CPU built; CUDA {'built' if cuda.get('built') else 'not built: ' + cuda.get('why', '')}")
+        super().run()
+        self._write_record(os.path.dirname(self._built_path("ddpm_fast._C")))
+        if self.inplace or getattr(self, "editable_mode", False):
+            self._write_record(os.path.join(HERE, "ddpm_fast"))
+
+    def build_extension(self, ext):
+        entry = self._record.get(ext.part, {})
+        dest = self.get_ext_fullpath(ext.name)
+        if os.path.exists(dest):
+            os.remove(dest)  # a process that mapped the old library keeps its copy
+        if entry.get("built"):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(entry["path"], dest + ".tmp")
+            os.replace(dest + ".tmp", dest)
+
+    def copy_extensions_to_source(self):
+        """Inplace / editable: put each built library next to the sources, replacing the old file
+        by a new one (a process that mapped the old library keeps it); a part that did not build
+        leaves no stale library behind (the record says why)."""
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(inplace_file):
+                os.remove(inplace_file)
+            if os.path.exists(regular_file):
+                shutil.copyfile(regular_file, inplace_file + ".tmp")
+                os.replace(inplace_file + ".tmp", inplace_file)
+
+    def _built_path(self, ext_name):
+        inplace, self.inplace = self.inplace, 0
+        try:
+            return self.get_ext_fullpath(ext_name)
+        finally:
+            self.inplace = inplace
+
+    def _write_record(self, directory):
+        failed = [f"{p}: {self._record[p].get('error')}" for p in ("cpu", "cuda")
+                  if (self._record.get(p) or {}).get("attempted") and not self._record[p].get("built")]
+        # "built"/"error" summarise the parts for readers of the older one-part record
+        rec = dict(self._record, origin="install", built=bool((self._record.get("cpu") or {}).get("built")),
+                   error="; ".join(failed) or None)
+        for ext in self.extensions:
+            entry = dict(rec.get(ext.part, {}))
+            if entry.get("built"):
+                entry["file"] = os.path.basename(self.get_ext_fullpath(ext.name))
+            rec[ext.part] = entry
+        B.write_json(os.path.join(directory, B.INSTALLED_RECORD), rec)
+
+
+class BuildPyWithSources(build_py):
+    """Ships the native sources inside the package (``ddpm_fast/_csrc``) for the first-use build.
+    Not in editable mode, where ``csrc/`` is used in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False) or not os.path.isdir(CSRC):
+            return
+        dest = os.path.join(self.build_lib, "ddpm_fast", "_csrc")
+        B.mirror(CSRC, dest)
+
+
+def native_extensions():
+    if B.env_flag("DDPM_FAST_SKIP_NATIVE"):
+        log("DDPM_FAST_SKIP_NATIVE is set: nothing is compiled now (the first use builds it, "
+            "unless DDPM_FAST_NO_JIT=1)")
+        return []
+    why = torch_importable()
+    if why is not None:
+        log("torch is not importable here (pip's build isolation?): nothing is compiled now; the first use "
+            "builds the native extension against the torch it runs with (a few minutes, once). "
+            f"[{why}]")
+        return []
+    if not os.path.isfile(os.path.join(CSRC, "sources.txt")):
+        log("csrc/ is missing: nothing is compiled")
+        return []
+    return [NativeExtension("ddpm_fast._C", "cpu"), NativeExtension("ddpm_fast._C_cuda", "cuda")]
+
+
+ext_modules = native_extensions()
 setup(
-    name="ddpm_fast",
-    version=VERSION,
-    description="Fused CPU, CUDA and Triton kernels for DDPM/DDIM sampling and training",
-    packages=find_packages(include=["ddpm_fast", "ddpm_fast.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "diffusers", "matplotlib"],
-        "triton": ["triton"],
-        "plot": ["matplotlib"],
-    },
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    license="BSD-3-Clause",
+    cmdclass={"build_ext": BuildNative, "build_py": BuildPyWithSources},
 )

@@ -25,19 +25,29 @@ def _device(config):
     return torch.device(name)
 
 
+def _shapes(config, device):
+    from ddpm_fast.bench import CUDA_LARGE_SHAPE, DEFAULT_SHAPES
+    large = config.getoption("--bench-large")
+    if large is None:
+        large = device.type == "cuda"
+    return list(DEFAULT_SHAPES) + ([CUDA_LARGE_SHAPE] if large else [])
+
+
 def pytest_generate_tests(metafunc):
-    from ddpm_fast.bench import CUDA_LARGE_SHAPE, DEFAULT_SHAPES, DTYPES, shape_str
+    from ddpm_fast.bench import DTYPES, SPECS, shape_str, shapes_for
     config = metafunc.config
     device = _device(config)
     if "bench_dtype" in metafunc.fixturenames:
         names = config.getoption("--bench-dtype") or ["fp32", "bf16"]
         metafunc.parametrize("bench_dtype", [DTYPES[n] for n in names], ids=names)
     if "bench_shape" in metafunc.fixturenames:
-        large = config.getoption("--bench-large")
-        if large is None:
-            large = device.type == "cuda"
-        shapes = list(DEFAULT_SHAPES) + ([CUDA_LARGE_SHAPE] if large else [])
+        shapes = _shapes(config, device)
         metafunc.parametrize("bench_shape", shapes, ids=[shape_str(s) for s in shapes])
+    if "bench_case" in metafunc.fixturenames:  # (op, provider, shape): each op at its own shapes
+        cases = [(op, provider, shape) for op, spec in SPECS.items() for shape in shapes_for(op, _shapes(config, device))
+                 for provider in spec.providers]
+        metafunc.parametrize("bench_case", cases,
+                             ids=[f"{op}-{p.replace(' ', '_').replace(',', '')}-{shape_str(s)}" for op, p, s in cases])
 
 
 @pytest.fixture

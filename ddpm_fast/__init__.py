@@ -1,6 +1,6 @@
 """ddpm_fast: fused CPU, CUDA and Triton kernels for DDPM/DDIM, with a pure-PyTorch reference.
 
-See README.md; the math and contracts are REFERENCE §1, §3 and §6.
+See README.md; the math, the noise contract and the API contract are docs/math.md, docs/noise.md and docs/api.md.
 """
 from __future__ import annotations
 

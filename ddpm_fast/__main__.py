@@ -49,6 +49,7 @@ def info(argv: Optional[List[str]] = None) -> int:
         report["native_build"] = build_info() if build_info is not None else None
     except Exception as e:  # the reason is already in backends()
         report["native_build"] = f"unavailable ({type(e).__name__})"
+    report["native_kernels"] = _native_kernels(report["native_build"])
     try:
         import triton
 
@@ -62,11 +63,38 @@ def info(argv: Optional[List[str]] = None) -> int:
         print(f"{key:>15}: {report[key]}")
     print(f"{'devices':>15}: {', '.join(report['devices'])}")
     print(f"{'native build':>15}: {report['native_build']}")
+    for i, line in enumerate(report["native_kernels"]):
+        print(f"{'native kernels' if i == 0 else '':>15}: {line}")
     print("backends:")
     for name, entry in report["backends"].items():
         avail = ", ".join(f"{dev}={'yes' if ok else 'no'}" for dev, ok in entry["available"].items())
         print(f"  {name:<10} {avail:<22} {entry['reason']}")
     return 0
+
+
+def _native_kernels(build) -> List[str]:
+    """Where the native kernels came from (installed, or built at first use, with the paths), or
+    why they are missing and how to get them."""
+    if not isinstance(build, dict):
+        return [f"unavailable: {build}"]
+    if not build.get("available", True):
+        return [f"CPU and CUDA unavailable: {build.get('reason')}",
+                "to get them: a C++ compiler and ninja, then `python -m ddpm_fast._build` (or reinstall with "
+                "`pip install --no-build-isolation -e .` where torch is installed); docs/install.md"]
+    origin = build.get("origin", {})
+    where = {"installed": "installed with the package (built at install)", "jit": "built at first use"}
+    lines = [f"CPU: {where.get(origin.get('cpu'), origin.get('cpu'))}, for torch {build.get('torch_version')}: "
+             f"{origin.get('cpu_library')}"]
+    if origin.get("cpu") == "jit" and origin.get("installed_state"):
+        lines.append(f"     (the installed extension is {origin['installed_state']})")
+    if build.get("cuda"):
+        lines.append(f"CUDA: {where.get(origin.get('cuda'), origin.get('cuda'))}, archs "
+                     f"{origin.get('cuda_archs') or 'torch default'}: {origin.get('cuda_library')}")
+    else:
+        reason = build.get("cuda_reason", "")
+        loud = "FAILED: " if ("failed" in reason or "does not load" in reason) else ""
+        lines.append(f"CUDA: {loud}{reason}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,9 @@
-"""The "native" backend: fused C++ (CPU) and CUDA kernels of the compiled extension ``ddpm_fast._C``.
+"""The "native" backend: fused C++ (CPU) and CUDA kernels of the compiled extension.
 
-The ops are registered with torch as ``torch.ops.ddpm_fast.<op>`` (schemas in
+Two libraries: ``ddpm_fast._C`` (the op schemas, the CPU kernels, autograd) and ``_C_cuda`` (the
+CUDA kernels, for the CUDA dispatch key; a failure there leaves the CPU part working). Each comes
+from the package when setup.py built it for this torch and these sources, else from a build at first
+use (:mod:`ddpm_fast._build`; ``DDPM_FAST_NO_JIT=1`` refuses it). The ops are registered with torch as ``torch.ops.ddpm_fast.<op>`` (schemas in
 ``csrc/torch_bindings.cpp``; fake tensors and autograd in :mod:`ddpm_fast._native_ops`). This module
 adapts them to the backend interface of :mod:`ddpm_fast.ops`. It always imports: when the extension
 is missing, failed to build or was built against another torch, :func:`availability` says why.
@@ -10,74 +13,196 @@ needs the graph, where the functional op runs and ``out`` receives a copy.
 """
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-from typing import Dict, Tuple
+import sys
+import warnings
+from typing import Dict, Optional, Tuple
 
 import torch
+
+from . import _build
+from ._op_glue import run_step
 
 NAME = "native"
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_state: Dict[str, object] = {"loaded": None, "reason": "", "info": {}}
+_state: Dict[str, object] = {"loaded": None, "reason": "", "info": {}, "origin": {}, "cuda": False,
+                             "cuda_reason": ""}
+_GET_IT = ("`python -m ddpm_fast._build` builds it now (or reinstall with torch present: "
+           "`pip install --no-build-isolation -e .`)")
 
 
-def _build_record() -> dict:
-    path = os.path.join(_HERE, "_native_build.json")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+def _installed_file(name: str, record: dict, part: str) -> Optional[str]:
+    """The library ``name`` (``_C`` / ``_C_cuda``) installed in the package, if any."""
+    fname = (record.get(part) or {}).get("file")
+    if fname and os.path.exists(os.path.join(_HERE, fname)):
+        return os.path.join(_HERE, fname)
+    if part == "cpu":  # a record of the older format, or none: whatever the import system finds
+        spec = importlib.util.find_spec(f"ddpm_fast.{name}")
+        if spec is not None and spec.origin and os.path.dirname(spec.origin) == _HERE:
+            return spec.origin
+    return None
+
+
+def _installed(record: dict, part: str, sha: Optional[str]) -> Tuple[Optional[str], str]:
+    """(path of the installed library of ``part`` if usable, else None; why not)."""
+    path = _installed_file("_C" if part == "cpu" else "_C_cuda", record, part)
+    entry = record.get(part)
+    if entry is None and part == "cpu" and record:  # the older record: {"built", "torch_version", "error"}
+        entry = {"attempted": True, "built": record.get("built", False), "error": record.get("error")}
+    if not record and path is None:
+        return None, ("not installed (it is built at install only where torch is importable then, "
+                      "i.e. with --no-build-isolation)") if part == "cpu" else "not installed"
+    if not record:
+        entry = {"attempted": True, "built": True}
+    if record.get("torch_version", torch.__version__) != torch.__version__:
+        return None, f"installed for torch {record['torch_version']} but torch {torch.__version__} is running"
+    if sha is not None and record.get("sources_sha") not in (None, sha):
+        return None, "the sources changed since it was installed"
+    if not entry or not entry.get("attempted"):
+        return None, (entry or {}).get("why") or "not built at install"
+    if not entry.get("built"):
+        return None, f"its build at install failed: {entry.get('error') or 'unknown error'}"
+    if path is None:
+        return None, "its library is missing from the package"
+    return path, ""
+
+
+def _import_cpu(path: str, installed: bool):
+    if installed:
+        from . import _C
+    else:  # a build folder's _C.so, imported under the package's name
+        spec = importlib.util.spec_from_file_location("ddpm_fast._C", path)
+        _C = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_C)
+        sys.modules["ddpm_fast._C"] = _C
+    from . import _native_ops  # noqa: F401  (fake tensors and autograd)
+    return _C
+
+
+def _loud(msg: str) -> None:
+    warnings.warn(f"ddpm_fast: {msg}", RuntimeWarning, stacklevel=4)
+
+
+def _cuda_wanted_now() -> bool:
+    return bool(torch.version.cuda) and not _build.env_flag("DDPM_FAST_SKIP_CUDA") and (
+        torch.cuda.is_available() or _build.env_flag("DDPM_FAST_FORCE_CUDA")) and _build.find_nvcc() is not None
 
 
 def _load() -> bool:
+    """Find the kernels: the installed ones when built for this torch and these sources, else a
+    build at first use (JIT) into the build folder, unless DDPM_FAST_NO_JIT=1."""
     if _state["loaded"] is not None:
         return bool(_state["loaded"])
-    record = _build_record()
-    reason = ""
-    if record and not record.get("built", False):
-        reason = (f"the native extension failed to build: {record.get('error', 'unknown error')} "
-                  "(reinstall with `pip install --no-build-isolation -e .` to see the compiler output)")
-    elif record and record.get("torch_version") != torch.__version__:
-        reason = (f"the native extension was built against torch {record.get('torch_version')} but torch "
-                  f"{torch.__version__} is running: rebuild it (`pip install --no-build-isolation -e .`)")
-    if not reason:
-        try:
-            from . import _C  # noqa: F401  (loading it registers the torch.ops.ddpm_fast ops)
-            from . import _native_ops  # noqa: F401  (fake tensors and autograd)
-            _state["info"] = dict(_C.build_info())
-            built_for = _state["info"].get("torch_version")
-            if built_for not in (None, "unknown", torch.__version__):
-                reason = (f"the native extension was built against torch {built_for} but torch {torch.__version__} "
-                          "is running: rebuild it (`pip install --no-build-isolation -e .`)")
-        except ImportError as e:
-            if not record:
-                reason = ("the native extension is not built (install with `pip install --no-build-isolation -e .`; "
-                          f"DDPM_FAST_SKIP_NATIVE unset): {e}")
+    _state["loaded"] = False
+    root = _build.source_root()
+    sha = _build.sources_sha(root) if root else None
+    record = _build.installed_record()
+    no_jit = _build.env_flag("DDPM_FAST_NO_JIT")
+    cpu_path, why = _installed(record, "cpu", sha)
+    origin = {"cpu": "installed", "cpu_library": cpu_path, "installed_record": record or None}
+    jit: dict = {}
+    failed_at_install = why.startswith("its build at install failed") and record.get("sources_sha") == sha
+    if cpu_path is None:
+        if root is None:
+            _state["reason"] = f"the native extension is {why}, and this install has no sources to build it from"
+        elif no_jit:
+            _state["reason"] = (f"the native extension is {why}; DDPM_FAST_NO_JIT=1 refuses the first-use build: "
+                                + _GET_IT)
+        elif failed_at_install:
+            _state["reason"] = f"the native CPU kernels failed to build at install: {record['cpu'].get('error')}"
+            _loud(_state["reason"])
+        else:
+            try:
+                jit = _build.build(root)  # the CUDA part too where a CUDA device and nvcc are there
+            except Exception as e:  # no compiler, no ninja, an unwritable cache: report, keep going
+                jit = {"cpu": {"built": False, "error": f"{type(e).__name__}: {e}"}}
+            entry = jit.get("cpu", {})
+            if entry.get("built"):
+                cpu_path = entry["path"]
+                origin.update(cpu="jit", cpu_library=cpu_path, build_dir=jit.get("build_dir"),
+                              installed_state=why)
             else:
-                reason = f"the native extension does not load ({e}); a torch mismatch? rebuild it"
-        except Exception as e:  # a broken library: report, keep the other backends working
-            reason = f"the native extension does not load: {type(e).__name__}: {e}"
-    _state["loaded"] = not reason
-    _state["reason"] = reason
-    return not reason
+                _state["reason"] = (f"the native extension is {why}, and its build at first use failed: "
+                                    f"{entry.get('error')} (`python -m ddpm_fast._build --force` retries)")
+                _loud(_state["reason"])
+    if cpu_path is None:
+        return False
+    try:
+        _C = _import_cpu(cpu_path, installed=origin["cpu"] == "installed")
+        _state["info"] = dict(_C.build_info())
+    except Exception as e:  # a broken or mismatched library: report, keep the other backends working
+        _state["reason"] = (f"the native extension at {cpu_path} does not load ({type(e).__name__}: {e}); "
+                            "a torch mismatch? " + _GET_IT)
+        _loud(_state["reason"])
+        return False
+    built_for = _state["info"].get("torch_version")
+    if built_for not in (None, "unknown", torch.__version__):
+        _state["reason"] = (f"the native extension was built against torch {built_for} but torch "
+                            f"{torch.__version__} is running: " + _GET_IT)
+        return False
+    _state["loaded"] = True
+    _state["origin"] = origin
+    _load_cuda(root, sha, record, jit, origin, no_jit)
+    return True
+
+
+def _load_cuda(root, sha, record, jit, origin, no_jit) -> None:
+    """The CUDA part (``_C_cuda``, registered for the CUDA dispatch key): the installed one, the one
+    the first-use build made, or a first-use build of it alone; a failure leaves the CPU part."""
+    if origin["cpu"] == "installed":
+        path, why = _installed(record, "cuda", sha)
+        installed = record.get("cuda") or {}
+        entry = {"built": True, "path": path, "archs": installed.get("archs")} if path else {
+            "built": False, "why": why, "error": installed.get("error")}
+        src = "installed"
+        if path is None and root is not None and not no_jit and _cuda_wanted_now() \
+                and not installed.get("attempted"):
+            try:
+                entry = _build.build(root, want_cuda=None, parts=("cuda",)).get("cuda", {})
+            except Exception as e:
+                entry = {"attempted": True, "built": False, "error": f"{type(e).__name__}: {e}"}
+            src = "jit"
+    else:
+        entry, src = jit.get("cuda", {}), "jit"
+    if entry.get("built"):
+        try:
+            torch.ops.load_library(entry["path"])
+            _state["cuda"] = True
+            origin.update(cuda=src, cuda_library=entry["path"], cuda_archs=entry.get("archs"))
+            return
+        except Exception as e:
+            _state["cuda_reason"] = f"the native CUDA library {entry['path']} does not load: {type(e).__name__}: {e}"
+    elif entry.get("error"):
+        _state["cuda_reason"] = f"the native CUDA kernels failed to build: {entry['error']}"
+    else:
+        _state["cuda_reason"] = f"the native CUDA kernels are not built: {entry.get('why') or 'not requested'}"
+    origin["cuda"] = None
+    if torch.version.cuda and ("failed" in _state["cuda_reason"] or "does not load" in _state["cuda_reason"]):
+        _loud(_state["cuda_reason"] + " (the CPU kernels work)")
 
 
 def build_info() -> dict:
-    """What the extension was built with (version, compiler, CPU instruction sets, CUDA archs)."""
+    """What the extension was built with (version, compiler, CPU instruction sets, CUDA archs) and
+    where its libraries came from (``origin``: installed, or built at first use, and the paths)."""
     _load()
-    return dict(_state["info"]) if _state["loaded"] else {"available": False, "reason": _state["reason"]}
+    if not _state["loaded"]:
+        return {"available": False, "reason": _state["reason"]}
+    info = dict(_state["info"])
+    origin = dict(_state["origin"])
+    origin.pop("installed_record", None)
+    info.update(cuda=bool(_state["cuda"]), cuda_archs=origin.get("cuda_archs") or "", origin=origin)
+    if not _state["cuda"]:
+        info["cuda_reason"] = _state["cuda_reason"]
+    return info
 
 
 def availability() -> Dict[str, Tuple[bool, str]]:
     if not _load():
         return {"cpu": (False, str(_state["reason"])), "cuda": (False, str(_state["reason"]))}
-    info = _state["info"]
-    if not info.get("cuda", False):
-        cuda = (False, "the native extension was built without CUDA (CPU-only torch or no nvcc at build time)")
+    if not _state["cuda"]:
+        cuda = (False, str(_state["cuda_reason"]))
     elif not torch.cuda.is_available():
         cuda = (False, "torch.cuda.is_available() is False")
     else:
@@ -95,10 +220,6 @@ def _ops():
     return torch.ops.ddpm_fast
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-
-
 def gaussian_noise(shape, seed, offset, dtype):
     return _ops().gaussian_noise(list(shape), seed, offset, dtype)
 
@@ -107,42 +228,29 @@ def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     return _ops().q_sample(x0, t, alphas_cumprod, noise, seed, offset)
 
 
-def _step(functional, inplace, args, inputs, return_x0, out):
-    if out is not None and not _needs_graph(*inputs):
-        x0_hat = inplace(*args, out=out)
-        return out, (x0_hat if return_x0 else None)
-    x_prev, x0_hat = functional(*args)
-    if out is not None:
-        out.copy_(x_prev)
-        x_prev = out
-    return x_prev, (x0_hat if return_x0 else None)
+def _step(name, args, model_output, x_t, opts, out):
+    ops = _ops()
+    return run_step(getattr(ops, name), getattr(ops, name + "_out"), args + opts.schema_args(),
+                    model_output=model_output, x_t=x_t, return_x0=opts.return_x0, out=out)
 
 
 def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type, variance_type,
-              clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-              guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-            clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
-            float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddpm_step, _ops().ddpm_step_out, args, (model_output, x_t), return_x0, out)
+              opts, out):
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type)
+    return _step("ddpm_step", args, model_output, x_t, opts, out)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
-              use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
+              use_clipped_model_output, final_alpha_cumprod, opts, out):
     args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, float(eta), prediction_type,
-            use_clipped_model_output, float(final_alpha_cumprod), clip_sample, float(clip_sample_range), thresholding,
-            float(dynamic_thresholding_ratio), float(sample_max_value), guidance_scale, return_x0)
-    return _step(_ops().ddim_step, _ops().ddim_step_out, args, (model_output, x_t), return_x0, out)
+            use_clipped_model_output, float(final_alpha_cumprod))
+    return _step("ddim_step", args, model_output, x_t, opts, out)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
-                      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                      guidance_scale, return_x0, out):
-    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-            float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio), float(sample_max_value),
-            guidance_scale, return_x0)
-    return _step(_ops().ddim_reverse_step, _ops().ddim_reverse_step_out, args, (model_output, x_t), return_x0, out)
+                      opts, out):
+    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output)
+    return _step("ddim_reverse_step", args, model_output, x_t, opts, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):

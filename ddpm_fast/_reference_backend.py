@@ -1,11 +1,12 @@
 """The "reference" backend: the interface of :mod:`ddpm_fast.ops` over :mod:`ddpm_fast.reference`
-(pure PyTorch, any device, differentiable through autograd). Noise from a seed is the float64 §3
+(pure PyTorch, any device, differentiable through autograd). Noise from a seed is the float64 docs/noise.md
 noise of :mod:`ddpm_fast.noise`, rounded once to the compute dtype."""
 from __future__ import annotations
 
 import torch
 
 from . import reference as R
+from ._op_glue import run_step
 from .noise import gaussian_noise_reference
 
 NAME = "reference"
@@ -33,11 +34,15 @@ def _noise(noise, seed, offset, shape, device):
                                     dtype=torch.float64)
 
 
-def _write(out, x):
-    if out is None:
-        return x
-    out.copy_(x)
-    return out
+def _check_out_noise(out, noise):
+    """ops.py has checked ``out`` against x_t and model_output; a given noise tensor is checked
+    here (the reference computes before it writes, but the rule is every backend's: out may be
+    exactly an input, never part of one)."""
+    if out is not None and noise is not None and not torch.compiler.is_compiling():
+        from .ops import _same_view, _shares_memory
+        if not _same_view(out, noise) and _shares_memory(out, noise):
+            raise ValueError("out shares part of its memory with noise (a shifted or sliced view of the same "
+                             "storage): give out=noise itself, or a tensor of its own")
 
 
 def gaussian_noise(shape, seed, offset, dtype):
@@ -46,24 +51,29 @@ def gaussian_noise(shape, seed, offset, dtype):
 
 def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     eps = _noise(noise, seed, offset, x0.shape, x0.device)
-    return R.q_sample(x0, R.abar_at(alphas_cumprod, t), eps)
+    return R.q_sample(x0, R.abar_of(alphas_cumprod, t), eps)
 
 
-def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
+def _step(fn, opts, out, noise=None):
+    _check_out_noise(out, noise)
+    return run_step(fn, None, (), model_output=None, x_t=None, return_x0=opts.return_x0, out=out)
+
+
+def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
     eps = _noise(noise, seed, offset, x_t.shape, x_t.device)
-    x_prev, x0_hat = R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+    return _step(lambda: R.ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
+                 opts, out, noise)
 
 
-def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, return_x0, out, **opts):
-    eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if opts["eta"] > 0 else None
-    x_prev, x0_hat = R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **opts)
-    return _write(out, x_prev), (x0_hat if return_x0 else None)
+def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, opts, out, **own):
+    eps = _noise(noise, seed, offset, x_t.shape, x_t.device) if own["eta"] > 0 else None
+    return _step(lambda: R.ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, eps, **own, **opts.math()),
+                 opts, out, noise)
 
 
-def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, return_x0, out, **opts):
-    x_next, x0_hat = R.ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, **opts)
-    return _write(out, x_next), (x0_hat if return_x0 else None)
+def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, opts, out, **own):
+    return _step(lambda: R.ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, **own, **opts.math()),
+                 opts, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):

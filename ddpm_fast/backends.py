@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKEND_NAMES", "backends", "get_backend", "resolve_backend", "BackendUnavailable"]
+__all__ = ["BACKEND_NAMES", "backends", "resolve_backend", "BackendUnavailable"]
 
 BACKEND_NAMES = ("reference", "native", "triton")
 _MODULES = {
@@ -21,7 +21,7 @@ _MODULES = {
     "native": "ddpm_fast._native_backend",
     "triton": "ddpm_fast.triton",
 }
-# Preference order of backend=None, per device type (REFERENCE §6).
+# Preference order of backend=None, per device type (docs/api.md).
 _PREFERENCE = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
 _loaded: Dict[str, object] = {}
 _load_errors: Dict[str, str] = {}
@@ -62,12 +62,6 @@ def backends() -> Dict[str, dict]:
         out[name] = {"available": {dev: ok for dev, (ok, _) in av.items()},
                      "reason": "; ".join(reasons) if reasons else "available"}
     return out
-
-
-def get_backend(name: str):
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
-    return _load(name)
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype):

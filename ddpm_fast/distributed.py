@@ -325,6 +325,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num-samples and --batch-size must be positive")
+    # Resolved before any process group or model load, so a missing option is a usage error on every rank.
+    from .schedulers import DDIMScheduler
+
+    scheduler = _load_scheduler(args.model, args.scheduler, args.num_train_timesteps)
+    if args.steps is None and isinstance(scheduler, DDIMScheduler):
+        parser.error("--steps is required with the ddim scheduler (from --scheduler or the folder's config)")
 
     dist = torch.distributed
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -345,7 +351,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if world > 1:
             dist.barrier()
         unet = _load_unet(args.model, args.subfolder, _DTYPES[args.dtype]).to(device).eval()
-        scheduler = _load_scheduler(args.model, args.scheduler, args.num_train_timesteps)
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (unet.config.in_channels, *size)

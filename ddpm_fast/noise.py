@@ -1,4 +1,4 @@
-"""The frozen noise contract (REFERENCE §3), in vectorised pure PyTorch.
+"""The frozen noise contract (docs/noise.md), in vectorised pure PyTorch.
 
 Gaussian noise is a pure function of ``(seed, offset, i)``: Philox4x32-10 with key
 ``(seed mod 2^32, seed >> 32)`` and counter ``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``,
@@ -13,6 +13,7 @@ uniforms and Box-Muller in float64 and rounds only the result.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence, Tuple
 
 import torch
@@ -87,12 +88,30 @@ def normals_at(index: torch.Tensor, seed, offset) -> torch.Tensor:
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
 
 
+def _shape_tuple(shape) -> Tuple[int, ...]:
+    """A shape as a tuple of ints, raising TypeError as torch does for floats, strings and bools
+    (``int(2.5)`` and ``int("2")`` would silently accept them)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__} {shape!r}")
+    dims = []
+    for i, s in enumerate(shape):
+        if isinstance(s, bool):
+            raise TypeError(f"shape must be a sequence of ints, got bool at position {i}")
+        try:
+            dims.append(operator.index(s))
+        except TypeError:
+            raise TypeError(f"shape must be a sequence of ints, got {type(s).__name__} at position {i}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must hold non-negative ints, got {tuple(dims)}")
+    return tuple(dims)
+
+
 def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=None,
                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """§3 noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
+    """docs/noise.md noise of ``shape``. ``seed``: int, 0-d int64 tensor, or a ``(shape[0],)`` int64 tensor of
     per-row seeds (``i`` restarts in every row). ``offset``: int or 0-d int64 tensor. Computed in
     float64 by blocks of four normals and rounded once to ``dtype``."""
-    shape = tuple(int(s) for s in shape)
+    shape = _shape_tuple(shape)
     seed_t = torch.as_tensor(seed, dtype=torch.int64)
     if device is None:
         device = seed_t.device if seed_t.device.type != "cpu" else torch.device("cpu")
@@ -143,7 +162,7 @@ def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
     """The per-row seeds ``R_seed(sample_index)`` (int64 in [0, 2^63)) that key the noise of rows
-    given by their global index: row ``b`` draws the §3 noise of seed ``R_seed(sample_index[b])``
+    given by their global index: row ``b`` draws the docs/noise.md noise of seed ``R_seed(sample_index[b])``
     (``i`` restarting in the row) at the caller's offset.
 
     ``R_seed`` is a 4-round unbalanced Feistel permutation of [0, 2^63) (halves of 31 and 32

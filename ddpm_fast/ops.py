@@ -1,4 +1,4 @@
-"""The public functional API (REFERENCE §6) and the dispatch to backends.
+"""The public functional API (docs/api.md) and the dispatch to backends.
 
 Every public function validates its arguments here (clear ``ValueError``/``TypeError`` naming the
 argument), normalises them, picks a backend (:func:`ddpm_fast.backends.resolve_backend`) and calls
@@ -17,24 +17,22 @@ compiled ops are registered as ``ddpm_fast::<op>``, the Triton ones as ``ddpm_fa
   shape ``(1,)`` (one seed) or ``(B,)`` (per-row seeds), or ``None``; ``offset``: a ``(1,)`` int64
   tensor on ``D`` (or ``None`` with ``seed``). At most one of ``noise``/``seed`` is given; neither
   means the op draws no noise (the dispatch layer has checked that none is needed);
-* options are plain Python values, already validated.
+* options are plain Python values, already validated; the seven every step shares (clipping,
+  thresholding, ``guidance_scale``, ``return_x0``) arrive whole as one
+  :class:`ddpm_fast.step_options.StepOptions` ``opts``, ``out`` apart.
 
 Signatures::
 
     gaussian_noise(shape, seed, offset, dtype) -> Tensor                 # on seed's device
     q_sample(x0, t, alphas_cumprod, noise, seed, offset) -> x_t          # grad in x0
     ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *,
-              prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
+              prediction_type, variance_type, opts, out)
         -> (x_prev, x0_hat or None)                                      # grad in model_output, x_t
     ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta,
-              prediction_type, use_clipped_model_output, final_alpha_cumprod, clip_sample,
-              clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-              guidance_scale, return_x0, out) -> (x_prev, x0_hat or None)
+              prediction_type, use_clipped_model_output, final_alpha_cumprod, opts, out)
+        -> (x_prev, x0_hat or None)
     ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type,
-              use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out)
-        -> (x_next, x0_hat or None)
+              use_clipped_model_output, opts, out) -> (x_next, x0_hat or None)
     diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target,
               snr_gamma) -> (B,) float32 per-sample losses               # grad in model_output
     vlb_loss(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type, variance_type)
@@ -49,6 +47,11 @@ returns it.
 
 Device-tensor timesteps are not range-checked on the host (that would be a device sync): set
 ``DDPM_FAST_DEBUG_CHECKS=1`` (or :func:`set_debug_checks`) to check them at the price of a sync.
+Every backend gives a NaN row instead for a row whose ``t`` lies outside ``[0, T)``, whose
+``prev_t`` is ``>= T``, or whose ``next_t`` lies outside ``[0, T)``: every output of that row
+(``x_prev``/``x_next``, ``x0_hat``, the per-sample loss, its gradient) is NaN and no table is read
+outside its bounds. The registered ops refuse an ``out`` that is expanded or shares only part of
+its memory with an input (``out`` may be exactly ``x_t``). docs/errors.md has every rule.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ import torch
 from .backends import backends, resolve_backend
 from .nvtx import range_for_op
 from .schedule import NoiseSchedule
+from .step_options import StepOptions
 
 __all__ = [
     "gaussian_noise", "q_sample", "ddpm_step", "ddim_step", "ddim_reverse_step", "diffusion_loss",
@@ -119,6 +123,38 @@ def _check_same_device(device: torch.device, **tensors) -> None:
                              "all tensors must be on one device")
 
 
+def _check_device(name: str, device) -> torch.device:
+    """``device`` as a ``torch.device`` (``cuda`` with its current index), or a ``ValueError``
+    naming the argument when it is malformed or this torch cannot use it (no CUDA, no such GPU)."""
+    if isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device, a string or an int, got bool")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}={device!r} is not a device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "torch.cuda.is_available() is False (no GPU visible)")
+            raise ValueError(f"{name}={str(device)!r} asks for CUDA, but {why}: use a CPU device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _check_shape(shape) -> Tuple[int, ...]:
+    """A shape as a non-empty tuple of non-negative ints (``TypeError`` for floats, strings and
+    bools, as torch raises; ``ValueError`` for negative sizes or ``()``)."""
+    from .noise import _shape_tuple
+
+    dims = _shape_tuple(shape)
+    if len(dims) == 0:
+        raise ValueError("shape must be a non-empty sequence of non-negative ints, got ()")
+    return dims
+
+
 class _HostSteps:
     """Timestep values known on the host (no device sync): ``lo``/``hi`` and, for per-row CPU
     tensors, the values themselves (``None`` for one value broadcast over the batch)."""
@@ -170,6 +206,8 @@ def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: i
     if isinstance(t, int):  # the fast path of a sampling loop: no host tensor, one fill
         if t < low or t >= T:
             raise _range_error(name, low, T, t, t)
+        if batch == 0:  # an empty batch: no row, none needs noise, no order to check
+            return torch.empty((0,), dtype=torch.int64, device=device), _HostSteps(torch.empty(0, dtype=torch.int64), 0, -1)
         return torch.full((batch,), t, dtype=torch.int64, device=device), _HostSteps(None, t, t)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
@@ -183,6 +221,8 @@ def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: i
     elif t.dim() == 1 and t.shape[0] == batch:
         if t.device.type == "cpu" and device.type == "cpu":
             t = t.to(torch.int64)
+            if batch == 0:  # an empty batch: no value to check, none needs noise
+                return t.contiguous(), _HostSteps(t, 0, -1)
             lo, hi = int(t.min()), int(t.max())
             if lo < low or hi >= T:
                 raise _range_error(name, low, T, lo, hi)
@@ -192,7 +232,7 @@ def _timesteps(name: str, t, batch: int, device: torch.device, T: int, *, low: i
     else:
         raise ValueError(f"{name} must be an int, a 0-d tensor or a ({batch},) tensor, got shape "
                          f"{tuple(t.shape)}")
-    if _debug_checks:
+    if _debug_checks and t.numel() > 0:
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= T:
             raise _range_error(name, low, T, lo, hi)
@@ -250,14 +290,28 @@ def _seed_tensor(seed, batch: int, device: torch.device) -> torch.Tensor:
         if seed.dtype != torch.int64:
             raise TypeError(f"seed must be an int64 tensor, got dtype {seed.dtype}")
         if seed.dim() == 0:
+            _check_int64_range("seed", seed)
             return seed.reshape(1).to(device)
         if seed.dim() == 1 and seed.shape[0] == batch:
             if seed.device.type != "cpu":
                 _check_same_device(device, seed=seed)
+            _check_int64_range("seed", seed)
             return seed.to(device)
         raise ValueError(f"seed must be an int, a 0-d int64 tensor or a ({batch},) int64 tensor of per-row "
                          f"seeds, got shape {tuple(seed.shape)}")
     raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+
+
+def _check_int64_range(name: str, x: torch.Tensor) -> None:
+    """Seeds and offsets lie in [0, 2^63): an int64 tensor can only break that by a negative value.
+    Checked on the host for a CPU tensor (cheap, no sync); a device tensor only under debug checks
+    (a sync): unchecked, a negative device value is read as its 64-bit two's-complement pattern, the
+    same on every backend."""
+    if x.numel() == 0 or (x.device.type != "cpu" and not _debug_checks):
+        return
+    lo = x.item() if x.numel() == 1 else int(x.min())   # item(): the per-step 0-d offset, cheaply
+    if lo < 0:
+        raise ValueError(f"{name} must lie in [0, 2**63), got a tensor holding {lo}")
 
 
 def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
@@ -271,6 +325,7 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
         if offset.dtype != torch.int64 or offset.numel() != 1:
             raise ValueError(f"offset must be an int or a 0-d int64 tensor, got {offset.dtype} of shape "
                              f"{tuple(offset.shape)}")
+        _check_int64_range("offset", offset)
         return offset.reshape(1).to(device)
     raise TypeError(f"offset must be an int or a 0-d int64 tensor, got {type(offset).__name__}")
 
@@ -345,7 +400,68 @@ def _sample_shape_checks(model_output, x_t, *, channels_factor: int, guidance: b
         raise ValueError(f"{mo_name} must have shape {tuple(exp)}{extra}, got {tuple(model_output.shape)}")
 
 
-def _check_out(out, x_t):
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are the same elements of the same memory (a full alias: an in-place update)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                      and a.stride() == b.stride() and a.device == b.device)
+
+
+def _element_offsets(x: torch.Tensor) -> torch.Tensor:
+    """Storage offsets (in elements) of every element of x, as an int64 tensor."""
+    offsets = torch.full((), x.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(x.shape, x.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return offsets.reshape(-1)
+
+
+def _has_internal_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of x share memory (an expanded, stride-0 view or an overlapping
+    as_strided one). Exact: a cheap stride test decides the usual layouts, offsets the rest."""
+    if x.numel() <= 1 or x.is_contiguous():
+        return False
+    extent = 0  # the largest offset reachable by the dimensions of smaller stride
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= extent:
+            offs = _element_offsets(x)
+            return bool(offs.unique().numel() != offs.numel())
+        extent += stride * (size - 1)
+    return False
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: a permutation of a contiguous layout (what torch's overlap
+    status decides exactly)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether some byte of a is also a byte of b (exact; same storage assumed possible)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if not torch._C._overlaps(a, b):  # at::get_overlap_status: No
+        return False
+    if _dense(a) and _dense(b):
+        return True  # the status was exact there (partial or full)
+    # strided layouts: compare the byte ranges element by element
+    ia, ib = a.element_size(), b.element_size()
+    sa = torch.sort(_element_offsets(a) * ia + (a.data_ptr() - a.storage_offset() * ia)).values
+    sb = _element_offsets(b) * ib + (b.data_ptr() - b.storage_offset() * ib)
+    # an element [s, s + ib) of b meets the a-element starting at the largest start < s + ib
+    k = torch.searchsorted(sa, sb + ib) - 1
+    valid = k >= 0
+    return bool((valid & (sa[k.clamp(min=0)] + ia > sb)).any())
+
+
+def _check_out(out, x_t, **inputs):
+    """``out`` must match ``x_t`` (shape, dtype, device), be writable element by element (not
+    expanded, not a leaf that requires grad, not an inference tensor outside inference mode) and may
+    be exactly one of the inputs (``out=x_t`` updates in place) but must not share part of its memory
+    with ``x_t`` or another input (``inputs``: name -> tensor)."""
     if out is None:
         return None
     if not isinstance(out, torch.Tensor):
@@ -353,6 +469,24 @@ def _check_out(out, x_t):
     if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
         raise ValueError(f"out must match x_t (shape {tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
                          f"shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if torch.compiler.is_compiling():  # traced: aliasing is the compiler's (no storage to look at)
+        return out
+    if _has_internal_overlap(out):
+        raise ValueError(f"out must be writable element by element, but several of its elements share one "
+                         f"memory location (an expanded view, strides {tuple(out.stride())}): give a tensor "
+                         "with memory of its own")
+    if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+        raise ValueError("out is a leaf tensor that requires grad, which cannot be written in place: detach it, "
+                         "or call under torch.no_grad()")
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("out is an inference tensor, which can be written only under torch.inference_mode()")
+    for name, x in (("x_t", x_t), *inputs.items()):
+        if x is None or x is out or not torch._C._overlaps(out, x):   # the usual cases: one C call
+            continue
+        if not _same_view(out, x) and _shares_memory(out, x):
+            raise ValueError(f"out shares part of its memory with {name} (a shifted or sliced view of the same "
+                             f"storage), which would make the step read values it already wrote: give out={name} "
+                             "itself for an in-place update, or a tensor of its own")
     return out
 
 
@@ -363,8 +497,17 @@ def _threshold_args(clip_sample, clip_sample_range, thresholding, dynamic_thresh
         thresholding=_check_bool("thresholding", thresholding),
         dynamic_thresholding_ratio=_check_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
                                                 low=0.0, high=1.0),
-        sample_max_value=_check_float("sample_max_value", sample_max_value, low=0.0),
+        sample_max_value=_check_positive("sample_max_value", sample_max_value),
     )
+
+
+def _check_positive(name: str, value) -> float:
+    """A number > 0 (sample_max_value: thresholding divides by clamp(s, 1, sample_max_value), so 0
+    would make every row NaN; values in (0, 1) are well defined: s = sample_max_value)."""
+    value = _check_float(name, value, low=0.0)
+    if value <= 0.0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
 
 
 def _dtype_for_backend(*xs):
@@ -377,21 +520,14 @@ def _dtype_for_backend(*xs):
 @range_for_op("gaussian_noise")
 def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = torch.float32,
                    backend: Optional[str] = None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` under the §3 contract: a pure function of
+    """Standard normal noise of ``shape`` under the docs/noise.md contract: a pure function of
     ``(seed, offset, index)``. ``seed`` may be a ``(shape[0],)`` int64 tensor of per-row seeds."""
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if any(s < 0 for s in shape) or len(shape) == 0:
-        raise ValueError(f"shape must be a non-empty sequence of non-negative ints, got {shape}")
+    shape = _check_shape(shape)
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _check_device("device", device)
     seed_t = _seed_tensor(seed, shape[0], device)
     offset_t = _offset_tensor(offset, device)
     impl = resolve_backend(backend, device, dtype)
@@ -401,7 +537,7 @@ def gaussian_noise(shape, seed, offset=0, *, device=None, dtype: torch.dtype = t
 @range_for_op("q_sample")
 def q_sample(x0, t, schedule, noise=None, *, seed=None, offset=0, sample_index=None, backend: Optional[str] = None):
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with per-row ``t``; ``eps`` is ``noise`` or
-    the §3 noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
+    the docs/noise.md noise of ``(seed, offset)`` (with ``sample_index``, a ``(B,)`` int64 tensor of the rows'
     global indices: row ``b``'s noise keyed by ``(seed, offset, sample_index[b])``, see
     docs/distributed.md). Differentiable in ``x0``."""
     x0 = _check_tensor("x0", x0)
@@ -422,10 +558,10 @@ def _step_common(model_output, x_t, schedule, guidance_scale, channels_factor, t
     _check_same_device(x_t.device, model_output=model_output)
     guidance_scale = _check_float("guidance_scale", guidance_scale, allow_none=True)
     _sample_shape_checks(model_output, x_t, channels_factor=channels_factor, guidance=guidance_scale is not None)
-    opts = _threshold_args(*clip_opts)
-    opts["guidance_scale"] = guidance_scale
-    opts["return_x0"] = _check_bool("return_x0", return_x0)
-    opts["out"] = _check_out(out, x_t)
+    # the backends take the shared options whole (StepOptions) and out apart
+    opts = dict(opts=StepOptions(**_threshold_args(*clip_opts), guidance_scale=guidance_scale,
+                                 return_x0=_check_bool("return_x0", return_x0)),
+                out=_check_out(out, x_t, model_output=model_output))
     tt, t_host = _timesteps("t", t, x_t.shape[0], x_t.device, schedule.num_timesteps)
     return model_output, x_t, schedule, opts, tt, t_host
 
@@ -490,14 +626,14 @@ def ddim_step(model_output, t, x_t, schedule, *, prev_t, eta=0.0, prediction_typ
 def ddim_reverse_step(model_output, t, x_t, schedule, *, next_t, eta=0.0, prediction_type="epsilon",
                       use_clipped_model_output=False, clip_sample=True, clip_sample_range=1.0,
                       thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None, **unused):
+                      guidance_scale=None, return_x0=False, out=None, backend: Optional[str] = None,
+                      noise=None, seed=None, offset=None, final_alpha_cumprod=None):
     """DDIM inversion (``ddim_reverse_sample``): ``x_t`` to ``x_next`` with ``abar_next`` of the next
-    larger timestep. Deterministic: ``eta`` must be 0 (the keyword is accepted for symmetry)."""
-    for k in unused:
-        if k not in ("noise", "seed", "offset", "final_alpha_cumprod"):
-            raise TypeError(f"ddim_reverse_step() got an unexpected keyword argument {k!r}")
-        if k in ("noise", "seed") and unused[k] is not None:
-            raise ValueError(f"{k} must be None: DDIM inversion draws no noise")
+    larger timestep. Deterministic: ``eta`` must be 0, ``noise`` and ``seed`` None (these keywords,
+    ``offset`` and ``final_alpha_cumprod`` are accepted for symmetry with ``ddim_step`` and unused)."""
+    for name, value in (("noise", noise), ("seed", seed)):
+        if value is not None:
+            raise ValueError(f"{name} must be None: DDIM inversion draws no noise")
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     model_output, x_t, schedule, opts, tt, t_host = _step_common(
         model_output, x_t, schedule, guidance_scale, 1, t, return_x0, out,

@@ -1,4 +1,4 @@
-"""The specification: every formula of REFERENCE §1 as a short, readable pure-PyTorch function.
+"""The specification: every formula of docs/math.md as a short, readable pure-PyTorch function.
 
 Conventions
 -----------
@@ -6,7 +6,13 @@ Conventions
   coefficients are computed from ``abar[t]`` and ``abar[prev_t]`` in float64 and only then rounded
   to the compute dtype (fp32, or fp64 for fp64 inputs) and broadcast over the row.
 * ``t``/``prev_t`` are ``(B,)`` int64 tensors; ``prev_t < 0`` means past the end (``abar_prev`` is
-  1 for DDPM, ``final_alpha_cumprod`` for DDIM).
+  1 for DDPM, ``final_alpha_cumprod`` for DDIM). A row whose ``t`` lies outside ``[0, T)``, whose
+  ``prev_t`` is ``>= T`` or whose ``next_t`` lies outside ``[0, T)`` is a NaN row: every output of
+  it (and its gradient) is NaN, and no table is indexed outside its bounds.
+* Zero-SNR limits (``abar_t = 0``): ``x0_hat`` of an element with ``x_t == sqrt(1 - a) eps_hat``
+  exactly is 0, the limit of ``(x_t - sqrt(1 - a) eps_hat) / sqrt(a)`` as ``a -> 0+`` (not 0/0), and
+  ``sqrt(a) x0_hat`` is 0 there even for an infinite ``x0_hat`` (the limit of clipping to a growing
+  range), so clipping and thresholding always bring the step back finite.
 * Per-element math runs in the compute dtype; results are cast to the sample's dtype; losses fp32.
 * Names follow the papers: ``abar`` (alpha-bar), ``x0_hat``, ``eps_hat``, ``posterior_mean``.
 """
@@ -36,9 +42,32 @@ def per_row(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def abar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor, past_end: float = 1.0) -> torch.Tensor:
-    """abar[t] in float64, with ``past_end`` where t < 0."""
-    safe = t.clamp(min=0)
-    return torch.where(t >= 0, alphas_cumprod[safe], torch.full_like(alphas_cumprod[safe], past_end))
+    """abar[t] in float64, with ``past_end`` where t < 0 and NaN where t >= T (the table is
+    never indexed outside its bounds)."""
+    T = alphas_cumprod.numel()
+    value = alphas_cumprod[t.clamp(0, T - 1)]
+    value = torch.where(t < T, value, torch.full_like(value, math.nan))
+    return torch.where(t >= 0, value, torch.full_like(value, past_end))
+
+
+def abar_of(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """abar[t] of a timestep ``t`` in float64: NaN unless 0 <= t < T."""
+    return abar_at(alphas_cumprod, t, math.nan)
+
+
+def row_in_table(*abars: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 where every given abar is a number and NaN where one is NaN (a timestep outside
+    the table): multiplying an output by it makes that row NaN, value and gradient, and leaves the
+    others exactly as they are."""
+    bad = torch.zeros_like(abars[0], dtype=torch.bool)
+    for a in abars:
+        bad = bad | torch.isnan(a)
+    return torch.where(bad, torch.full_like(abars[0], math.nan), torch.ones_like(abars[0]))
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (B, elements per sample) (also for B = 0 or empty samples)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def step_beta(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
@@ -79,13 +108,20 @@ def q_sample(x0: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> torch
 
 
 def x0_from_eps(x_t, eps, abar):
-    """x0 = (x_t - sqrt(1-a) eps) / sqrt(a)."""
-    return (x_t - per_row((1.0 - abar).sqrt(), x_t) * eps) / per_row(abar.sqrt(), x_t)
+    """x0 = (x_t - sqrt(1-a) eps) / sqrt(a); +-inf at a = 0 (zero terminal SNR), and there 0 where
+    the numerator is 0 (its limit as a -> 0+, not 0/0 = NaN)."""
+    num = x_t - per_row((1.0 - abar).sqrt(), x_t) * eps
+    sqrt_abar = per_row(abar.sqrt(), x_t)
+    zero_over_zero = (num == 0) & (sqrt_abar == 0)
+    return torch.where(zero_over_zero, num, num / torch.where(zero_over_zero, torch.ones_like(num), sqrt_abar))
 
 
 def eps_from_x0(x_t, x0, abar):
-    """eps = (x_t - sqrt(a) x0) / sqrt(1-a)."""
-    return (x_t - per_row(abar.sqrt(), x_t) * x0) / per_row((1.0 - abar).sqrt(), x_t)
+    """eps = (x_t - sqrt(a) x0) / sqrt(1-a); at a = 0 the signal term sqrt(a) x0 is 0 even for an
+    infinite x0 (the limit of clipping x0 to a growing range; 0 * inf would be NaN)."""
+    sqrt_abar = per_row(abar.sqrt(), x_t)
+    signal = torch.where(sqrt_abar == 0, torch.zeros_like(x0), sqrt_abar * x0)
+    return (x_t - signal) / per_row((1.0 - abar).sqrt(), x_t)
 
 
 def v_target(x0, eps, abar):
@@ -154,8 +190,10 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile with linear interpolation, as torch.quantile (NaN in a row gives NaN),
     via a sort so rows past 2^24 elements work. Unlike torch.quantile, two equal infinite
     neighbours give that infinity (torch.quantile gives NaN), so a zero-SNR epsilon step under
-    thresholding stays finite (§1)."""
+    thresholding stays finite (docs/math.md)."""
     n = x2d.shape[1]
+    if n == 0:  # an empty row has no quantile (and nothing to threshold)
+        return torch.full((x2d.shape[0],), math.nan, dtype=x2d.dtype, device=x2d.device)
     srt = torch.sort(x2d, dim=1).values
     pos = q * (n - 1)
     lo = int(math.floor(pos))
@@ -170,8 +208,7 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
 def dynamic_threshold(x0_hat, ratio: float, sample_max_value: float):
     """Imagen: s = clamp(quantile(|x0_hat|, ratio), 1, sample_max_value) per sample;
     x0_hat = clamp(x0_hat, -s, s) / s."""
-    B = x0_hat.shape[0]
-    flat = x0_hat.reshape(B, -1)
+    flat = rows(x0_hat)
     s = row_quantile(flat.abs(), ratio)
     s = torch.clamp(s, min=1.0, max=sample_max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(x0_hat.shape)
@@ -190,7 +227,7 @@ def clip_or_threshold(x0_hat, *, clip_sample, clip_sample_range, thresholding, d
 # the reverse DDPM step
 # --------------------------------------------------------------------------------------------
 def ddpm_sigma(variance_type: str, abar_t, abar_prev, variance_values, like):
-    """The step's standard deviation (per element or per row) for each variance type (§1)."""
+    """The step's standard deviation (per element or per row) for each variance type (docs/math.md)."""
     beta = step_beta(abar_t, abar_prev)
     beta_tilde = posterior_variance(abar_t, abar_prev)
     if variance_type == "fixed_small":
@@ -219,7 +256,7 @@ def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, *, prediction
     learned = variance_type in ("learned", "learned_range")
     out = apply_guidance(model_output.to(cd), guidance_scale, x_t.shape[1] if x_t.dim() > 1 else 1, learned)
     prediction, variance_values = split_model_output(out, x_t.shape[1] if x_t.dim() > 1 else 1, learned)
-    abar_t = abar_at(alphas_cumprod, t)
+    abar_t = abar_of(alphas_cumprod, t)
     abar_prev = abar_at(alphas_cumprod, prev_t, 1.0)
     x0_hat = x0_from_prediction(prediction, x, abar_t, prediction_type)
     x0_hat = clip_or_threshold(x0_hat, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
@@ -232,15 +269,22 @@ def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, *, prediction
         sigma = ddpm_sigma(variance_type, abar_t, abar_prev, variance_values, x)
         add = (t > 0).reshape((-1,) + (1,) * (x.dim() - 1))
         x_prev = torch.where(add, mean + sigma * noise.to(cd), mean)
-    return x_prev.to(x_t.dtype), x0_hat.to(x_t.dtype)
+    inside = per_row(row_in_table(abar_t, abar_prev), x)
+    return (x_prev * inside).to(x_t.dtype), (x0_hat * inside).to(x_t.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # DDIM (Song et al.) and its inversion
 # --------------------------------------------------------------------------------------------
 def ddim_sigma(abar_t, abar_prev, eta: float):
-    """eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row."""
-    return eta * ((1.0 - abar_prev) / (1.0 - abar_t)).sqrt() * (1.0 - abar_t / abar_prev).sqrt()
+    """eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row, where the
+    step goes to a less noisy state (abar_prev > abar_t); 0 elsewhere (a final step with
+    final_alpha_cumprod <= abar_t, 0 included, where sigma^2 would be negative: the step is then
+    the deterministic DDIM map)."""
+    towards_data = abar_prev > abar_t
+    safe_prev = torch.where(towards_data, abar_prev, torch.ones_like(abar_prev))
+    sigma = eta * ((1.0 - safe_prev) / (1.0 - abar_t)).sqrt() * (1.0 - abar_t / safe_prev).sqrt()
+    return torch.where(towards_data, sigma, torch.zeros_like(sigma))
 
 
 def _ddim_estimates(model_output, x_t, abar_t, prediction_type, use_clipped_model_output, guidance_scale, clip):
@@ -261,7 +305,7 @@ def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, *, eta=0.0, p
     """x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z."""
     clip = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
                 dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    abar_t = abar_at(alphas_cumprod, t)
+    abar_t = abar_of(alphas_cumprod, t)
     abar_prev = abar_at(alphas_cumprod, prev_t, final_alpha_cumprod)
     x, x0_hat, eps_hat = _ddim_estimates(model_output, x_t, abar_t, prediction_type, use_clipped_model_output,
                                          guidance_scale, clip)
@@ -270,7 +314,8 @@ def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, *, eta=0.0, p
     x_prev = per_row(abar_prev.sqrt(), x) * x0_hat + per_row(direction, x) * eps_hat
     if eta > 0 and noise is not None:
         x_prev = x_prev + per_row(sigma, x) * noise.to(x.dtype)
-    return x_prev.to(x_t.dtype), x0_hat.to(x_t.dtype)
+    inside = per_row(row_in_table(abar_t, abar_prev), x)
+    return (x_prev * inside).to(x_t.dtype), (x0_hat * inside).to(x_t.dtype)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type="epsilon",
@@ -279,12 +324,13 @@ def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, predictio
     """DDIM inversion: x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) eps_hat."""
     clip = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
                 dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    abar_t = abar_at(alphas_cumprod, t)
-    abar_next = abar_at(alphas_cumprod, next_t)
+    abar_t = abar_of(alphas_cumprod, t)
+    abar_next = abar_of(alphas_cumprod, next_t)
     x, x0_hat, eps_hat = _ddim_estimates(model_output, x_t, abar_t, prediction_type, use_clipped_model_output,
                                          guidance_scale, clip)
     x_next = per_row(abar_next.sqrt(), x) * x0_hat + per_row((1.0 - abar_next).sqrt(), x) * eps_hat
-    return x_next.to(x_t.dtype), x0_hat.to(x_t.dtype)
+    inside = per_row(row_in_table(abar_t, abar_next), x)
+    return (x_next * inside).to(x_t.dtype), (x0_hat * inside).to(x_t.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,13 +365,14 @@ def simple_loss(model_output, x0, t, alphas_cumprod, noise, *, target="epsilon",
     """Per-sample w(t) * mean over non-batch dims of (target - model_output)^2, in fp32 (fp64 for
     fp64 inputs)."""
     cd = compute_dtype(model_output, x0)
-    abar = abar_at(alphas_cumprod, t)
+    abar = abar_of(alphas_cumprod, t)
     x = x0.to(cd)
     eps = noise.to(cd) if noise is not None else None
     tgt = loss_target(x, eps, abar, target)
-    per_sample = ((tgt - model_output.to(cd)) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
+    per_sample = rows((tgt - model_output.to(cd)) ** 2).mean(dim=1)
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(abar, snr_gamma, target).to(cd)
+    per_sample = per_sample * row_in_table(abar).to(cd)
     return per_sample.to(torch.float32) if cd == torch.float32 else per_sample
 
 
@@ -360,7 +407,7 @@ def vlb_model_log_variance(variance_type, alphas_cumprod, t, variance_values, li
     """The model's log-variance as improved-diffusion trains it (clipped posterior log-variance at
     t = 0 for ``fixed_small``/``learned_range``; ``posterior_var[1]`` at t = 0 for ``fixed_large``)."""
     logvar_clipped = posterior_log_variance_clipped(alphas_cumprod, t)
-    abar_t = abar_at(alphas_cumprod, t)
+    abar_t = abar_of(alphas_cumprod, t)
     log_beta = torch.log(step_beta(abar_t, abar_at(alphas_cumprod, t - 1)))
     if variance_type == "learned":
         return variance_values
@@ -384,7 +431,7 @@ def vlb_terms(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type="epsi
     C = x0.shape[1] if x0.dim() > 1 else 1
     learned = variance_type in ("learned", "learned_range")
     prediction, variance_values = split_model_output(model_output.to(cd), C, learned)
-    abar_t = abar_at(alphas_cumprod, t)
+    abar_t = abar_of(alphas_cumprod, t)
     abar_prev = abar_at(alphas_cumprod, t - 1, 1.0)
     coef_x0, coef_xt = posterior_mean_coefs(abar_t, abar_prev)
     true_mean = per_row(coef_x0, xt) * x + per_row(coef_xt, xt) * xt
@@ -395,7 +442,7 @@ def vlb_terms(model_output, x0, x_t, t, alphas_cumprod, *, prediction_type="epsi
     kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar)
     nll = -discretized_gaussian_log_likelihood(x, model_mean, 0.5 * model_logvar)
     per_elem = torch.where((t == 0).reshape((-1,) + (1,) * (xt.dim() - 1)), nll, kl)
-    per_sample = per_elem.reshape(x0.shape[0], -1).mean(dim=1) / LOG2
+    per_sample = rows(per_elem).mean(dim=1) / LOG2 * row_in_table(abar_t).to(cd)
     return per_sample.to(torch.float32) if cd == torch.float32 else per_sample
 
 
@@ -408,4 +455,4 @@ def prior_bpd(x0, alphas_cumprod):
     mean = per_row(abar_T.sqrt(), x) * x
     logvar = per_row(torch.log(1.0 - abar_T), x).expand_as(x)
     kl = normal_kl(mean, logvar, torch.zeros_like(x), torch.zeros_like(x))
-    return kl.reshape(x0.shape[0], -1).mean(dim=1) / LOG2
+    return rows(kl).mean(dim=1) / LOG2

@@ -43,6 +43,7 @@ import torch
 from . import ops
 from .nvtx import nvtx_range
 from .schedule import NoiseSchedule, space_timesteps
+from .step_options import StepOptions
 from .schedulers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, _draw_seed, _norm_device,
                          from_diffusers, learned_variance_to_log, randn_like_diffusers, to_device_async)
 from .training import _unwrap  # the model output convention, shared with training_loss
@@ -68,8 +69,7 @@ class _Plan:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
                 raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
             self.timesteps = sorted(space_timesteps(T, str(n)), reverse=True)
-            self.opts = dict(prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-                             dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+            self.opts = dict(prediction_type="epsilon", **StepOptions(clip_sample=False).clip_options())
             self.variance_type = "fixed_small"
             self.timestep_map = sched.timestep_map
         elif isinstance(scheduler_or_schedule, (DDPMScheduler, DDIMScheduler)):
@@ -88,10 +88,7 @@ class _Plan:
                 self.variance_type = s.config.variance_type
             self.timesteps = [int(t) for t in s.timesteps.tolist()]
             c = s.config
-            self.opts = dict(prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
-                             clip_sample_range=float(c.clip_sample_range), thresholding=bool(c.thresholding),
-                             dynamic_thresholding_ratio=float(c.dynamic_thresholding_ratio),
-                             sample_max_value=float(c.sample_max_value))
+            self.opts = dict(prediction_type=c.prediction_type, **StepOptions.from_config(c).clip_options())
             self.timestep_map = self.schedule.timestep_map
         else:
             raise TypeError("scheduler_or_schedule must be a DDPM/DDIM-family scheduler (ours or diffusers') or a "

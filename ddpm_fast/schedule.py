@@ -1,4 +1,4 @@
-"""Noise schedules: float64 tables (REFERENCE §1) and timestep helpers (§2, §6).
+"""Noise schedules: float64 tables (docs/math.md) and timestep helpers (docs/math.md, docs/api.md).
 
 Every table is built once in float64 on the CPU; ``NoiseSchedule.to(device)`` returns a cached
 float64 copy on a device (never rounded to fp32: kernels compute per-row coefficients in float64
@@ -76,8 +76,26 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+class _derived:
+    """A table derived from ``betas``/``alphas_cumprod``, computed on first read and then stored
+    on the instance (a non-data descriptor: the stored value wins). A device copy made by
+    :meth:`NoiseSchedule.to` takes the CPU table's values (computed there, then moved), so a table
+    is the same on every device."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        host = obj.__dict__.get("_host")
+        value = self.fn(obj) if host is None else getattr(host, self.name).to(obj.alphas_cumprod.device)
+        obj.__dict__[self.name] = value
+        return value
+
+
 class NoiseSchedule:
-    """The float64 tables of a DDPM noise schedule (REFERENCE §1).
+    """The float64 tables of a DDPM noise schedule (docs/math.md).
 
     Attributes (all 1-D float64 CPU tensors of length ``num_timesteps``): ``betas``, ``alphas``,
     ``alphas_cumprod`` (abar), ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``,
@@ -104,26 +122,52 @@ class NoiseSchedule:
         self.num_timesteps = T
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
-        a, a_prev = self.alphas_cumprod, self.alphas_cumprod_prev
-        self.sqrt_alphas_cumprod = a.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - a).sqrt()
-        self.sqrt_recip_alphas_cumprod = a.rsqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1.0 / a - 1.0).sqrt()
-        self.posterior_variance = betas * (1.0 - a_prev) / (1.0 - a)
-        if T > 1:
-            self.posterior_log_variance_clipped = torch.log(
-                torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
-        else:
-            self.posterior_log_variance_clipped = torch.log(self.posterior_variance.clamp_min(1e-20))
-        self.posterior_mean_coef_x0 = betas * a_prev.sqrt() / (1.0 - a)
-        self.posterior_mean_coef_xt = (1.0 - a_prev) * self.alphas.sqrt() / (1.0 - a)
+        # the other tables (_derived below) are computed on first read: no library code reads them
         if timestep_map is None:
             timestep_map = range(T)
         self.timestep_map = torch.as_tensor(list(timestep_map), dtype=torch.int64)
         if self.timestep_map.numel() != T:
             raise ValueError("timestep_map must have one entry per timestep")
         self._device_cache: Dict[str, torch.Tensor] = {}
+
+    # -- derived tables (computed on first read) -----------------------------------------
+    @_derived
+    def alphas_cumprod_prev(self):
+        return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+
+    @_derived
+    def sqrt_alphas_cumprod(self):
+        return self.alphas_cumprod.sqrt()
+
+    @_derived
+    def sqrt_one_minus_alphas_cumprod(self):
+        return (1.0 - self.alphas_cumprod).sqrt()
+
+    @_derived
+    def sqrt_recip_alphas_cumprod(self):
+        return self.alphas_cumprod.rsqrt()
+
+    @_derived
+    def sqrt_recipm1_alphas_cumprod(self):
+        return (1.0 / self.alphas_cumprod - 1.0).sqrt()
+
+    @_derived
+    def posterior_variance(self):
+        return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+    @_derived
+    def posterior_log_variance_clipped(self):
+        if self.num_timesteps > 1:
+            return torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        return torch.log(self.posterior_variance.clamp_min(1e-20))
+
+    @_derived
+    def posterior_mean_coef_x0(self):
+        return self.betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @_derived
+    def posterior_mean_coef_xt(self):
+        return (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -157,12 +201,15 @@ class NoiseSchedule:
         key = f"schedule@{device}"
         cached = self._device_cache.get(key)
         if cached is None:
+            from .ops import _check_device  # a ValueError naming `device` where torch cannot use it
+            _check_device("device", device)
             cached = object.__new__(NoiseSchedule)
             for k, v in self.__dict__.items():
                 if isinstance(v, torch.Tensor) and v.dtype == torch.float64:
                     v = v.to(device)
                 cached.__dict__[k] = v
             cached._device_cache = self._device_cache
+            cached._host = self  # the derived tables not read yet come from here
             self._device_cache[key] = cached
         return cached
 

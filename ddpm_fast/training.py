@@ -1,13 +1,14 @@
 """Training: :func:`training_loss` (fused q-sampling + fused loss, the noise regenerated from
-``(seed, offset)`` instead of stored), the §3 :class:`NoiseStream`, and the timestep samplers
+``(seed, offset)`` instead of stored), the docs/noise.md :class:`NoiseStream`, and the timestep samplers
 (:class:`UniformSampler`, improved DDPM's :class:`LossAwareSampler`).
 
 Reproducibility: one training step is a pure function of ``(seed, offset)`` (with ``offset`` the
 step counter) and the model/data. The timesteps are drawn on the CPU from a ``torch.Generator``
 seeded with ``splitmix64(seed, offset)`` (so they do not touch torch's global generator), then
-copied to the data's device; the noise is the §3 noise of ``(seed, offset)``, which
-:func:`~ddpm_fast.q_sample` and :func:`~ddpm_fast.diffusion_loss` both regenerate, so no noise
-tensor is kept between forward and backward.
+copied to the data's device; the noise is the docs/noise.md noise of ``(seed, offset)``. On a GPU
+:func:`~ddpm_fast.q_sample` and :func:`~ddpm_fast.diffusion_loss` both regenerate it, so no noise
+tensor is kept between forward and backward; on a CPU (native backend), where generating the noise
+is the cost, the step draws it once and passes it to both (the same values, see ``_noise_once``).
 
 With ``sample_index=`` (the rows' global indices in the step's batch) everything random about a
 row is a pure function of ``(seed, offset, sample_index[b])`` instead: its noise is keyed by
@@ -89,7 +90,16 @@ class UniformSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(t, w)`` on the CPU: ``t`` (B,) int64 drawn with ``p = weights / sum``, ``w`` (B,) fp32
-        importance weights ``1 / (T p_t)`` (so the weighted loss is unbiased)."""
+        importance weights ``1 / (T p_t)`` (so the weighted loss is unbiased).
+
+        With the uniform weights of this class (``weights`` not overridden) ``t`` is
+        ``torch.randint(0, T, (B,), generator=generator)`` and ``w`` is ones; a subclass with its own
+        ``weights`` draws ``torch.multinomial(p, B, replacement=True, generator=generator)``. (randint:
+        the same distribution as multinomial over T equal weights at a fraction of the cost; multinomial
+        was 59 of 133 ms of a 2-D toy's training profile.)"""
+        if _uniform_weights(self):
+            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, dtype=torch.int64)
+            return t, torch.ones(batch_size, dtype=torch.float32)
         w = self.weights()
         p = torch.from_numpy(w / w.sum())
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
@@ -115,6 +125,14 @@ class UniformSampler:
 
     def update(self, t: torch.Tensor, losses: torch.Tensor, sample_index: Optional[torch.Tensor] = None) -> None:
         """Record per-sample losses (nothing to do for the uniform sampler)."""
+
+
+def _uniform_weights(sampler) -> bool:
+    """Whether ``sampler`` draws with UniformSampler's own ``sample`` and ``weights`` (then every
+    importance weight is 1 by construction)."""
+    cls = type(sampler)
+    return (isinstance(sampler, UniformSampler) and cls.weights is UniformSampler.weights
+            and cls.sample is UniformSampler.sample)
 
 
 class LossAwareSampler(UniformSampler):
@@ -188,6 +206,24 @@ def _unwrap(out) -> torch.Tensor:
     raise TypeError(f"the model must return a tensor, an object with .sample, or a tuple; got {type(out).__name__}")
 
 
+def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optional[str]):
+    """The step's noise as a tensor, on the CPU with the native backend; else None (regenerate).
+
+    q_sample and the loss each regenerate the docs/noise.md noise of ``(seed, offset)``, and the loss backward
+    a third time: free on a GPU, where memory traffic is the cost, but on a CPU the noise generation
+    is the cost. There the step draws it once (``gaussian_noise``, the very values the kernels
+    regenerate: they compute it in fp32 too, so the results are bit for bit those of the
+    ``seed=`` path) and passes ``noise=`` to both ops; the loss keeps it for its backward. Costs
+    one fp32 tensor of ``x0``'s shape for the step. ``target="sample"`` needs noise in q_sample only.
+    ``seed``: an int, or the ``(B,)`` per-row seeds of ``sample_index=``."""
+    if x0.device.type != "cpu" or target == "sample":
+        return None
+    from .backends import resolve_backend
+    if resolve_backend(backend, x0.device, x0.dtype).NAME != "native":
+        return None
+    return ops.gaussian_noise(x0.shape, seed, offset, device=x0.device, backend="native")
+
+
 def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseStream], offset: int = 0,
                   target: str = "epsilon", snr_gamma: Optional[float] = None, timestep_sampler=None,
                   hybrid: bool = False, variance_type: str = "learned_range", reduction: str = "mean",
@@ -197,7 +233,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
 
     1. ``t`` (B,) drawn by ``timestep_sampler`` (default uniform) from
        :func:`timestep_generator` ``(seed, offset)``, with importance weights ``w``;
-    2. ``x_t = q_sample(x0, t, schedule, seed=seed, offset=offset)`` (fused, noise from §3);
+    2. ``x_t = q_sample(x0, t, schedule, seed=seed, offset=offset)`` (fused, noise from docs/noise.md);
     3. ``out = model(x_t, timestep_map[t])`` (``t`` as the ORIGINAL training timesteps; the model
        may return a tensor, an object with ``.sample`` or a tuple);
     4. per-sample loss ``diffusion_loss(out, x0, t, ..., seed=seed, offset=offset)`` — the same
@@ -252,21 +288,22 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
     t_model = schedule.timestep_map.to(t_cpu.device)[t_cpu].to(dev)
+    noise = _noise_once(x0, noise_seed, offset, target, backend)
+    noise_kw = {"noise": noise} if noise is not None else {"seed": noise_seed, "offset": offset}
     with torch.no_grad() if not x0.requires_grad else contextlib.nullcontext():
-        x_t = ops.q_sample(x0, t, schedule, seed=noise_seed, offset=offset, backend=backend)
+        x_t = ops.q_sample(x0, t, schedule, backend=backend, **noise_kw)
     out = _unwrap(model(x_t, t_model))
     if hybrid:
-        per_sample = ops.hybrid_loss(out, x0, t, schedule, seed=noise_seed, offset=offset, prediction_type=target,
-                                     variance_type=variance_type, snr_gamma=snr_gamma, reduction="none",
-                                     backend=backend)
+        per_sample = ops.hybrid_loss(out, x0, t, schedule, prediction_type=target, variance_type=variance_type,
+                                     snr_gamma=snr_gamma, reduction="none", backend=backend, **noise_kw)
     else:
-        per_sample = ops.diffusion_loss(out, x0, t, schedule, target=target, seed=noise_seed, offset=offset,
-                                        snr_gamma=snr_gamma, reduction="none", backend=backend)
+        per_sample = ops.diffusion_loss(out, x0, t, schedule, target=target, snr_gamma=snr_gamma,
+                                        reduction="none", backend=backend, **noise_kw)
     if sample_index is None:
         timestep_sampler.update(t, per_sample.detach())
     else:
         timestep_sampler.update(t, per_sample.detach(), sample_index=sample_index)
-    weighted = per_sample * w
+    weighted = per_sample if _uniform_weights(timestep_sampler) else per_sample * w  # w == 1: x * 1 == x
     if reduction == "mean":
         loss = weighted.mean()
     elif reduction == "sum":

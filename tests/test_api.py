@@ -1,4 +1,4 @@
-"""The public API contract (REFERENCE §6) through ``ddpm_fast``'s ops, on backend="reference":
+"""The public API contract (docs/api.md) through ``ddpm_fast``'s ops, on backend="reference":
 error rules (each error names its argument), dtypes, strides, per-sample timesteps, per-row seeds,
 backend selection and autograd."""
 import pytest

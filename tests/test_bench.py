@@ -1,11 +1,13 @@
 """`python -m ddpm_fast bench`: the run, its JSON, its plot, and the benchmark suite's collection.
 
 These protect the tooling (every provider of the table runs or says why not, the figures are
-consistent with each other), not the speed: no timing threshold is asserted here.
+consistent with each other, the verdicts follow the spread, the README's table is the committed
+run's), not the speed: no timing threshold is asserted here.
 """
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +18,8 @@ import torch
 from ddpm_fast import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--shapes", "8x2", "4x2x4x4", "--repeats", "3", "--warmup", "1"]
+# --no-pin-malloc: the test process's allocator stays as it was
+TINY = ["--shapes", "8x2", "4x2x4x4", "--repeats", "3", "--warmup", "1", "--no-pin-malloc"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def quick_run(tmp_path_factory):
 
 def test_quick_json_has_the_expected_keys(quick_run):
     data, _, _ = quick_run
-    for key in ("schema", "created", "machine", "settings", "copy", "traffic", "ops", "results", "targets"):
+    for key in ("schema", "created", "machine", "settings", "copy", "traffic", "ops", "results", "targets",
+                "target_specs"):
         assert key in data, key
     m = data["machine"]
     for key in ("device", "device_name", "torch", "threads", "cpu_count", "backends"):
@@ -47,7 +51,7 @@ def test_quick_covers_every_op_provider_shape(quick_run):
     data, _, _ = quick_run
     seen = {(r["op"], tuple(r["shape"]), r["dtype"], r["provider"]) for r in data["results"]}
     for op in bench.OPS:
-        for shape in ((8, 2), (4, 2, 4, 4)):
+        for shape in ((8, 2), (4, 2, 4, 4)):  # --shapes applies to every op, training_loss included
             for provider in bench.PROVIDERS[op]:
                 assert (op, shape, "fp32", provider) in seen, (op, shape, provider)
     for r in data["results"]:
@@ -64,7 +68,8 @@ def test_quick_measures_the_baselines_and_reference(quick_run):
         assert (op, "reference") in ok, op
     for op, provider in [("gaussian_noise", "torch.randn"), ("q_sample", "randn_like+add_noise"),
                          ("ddpm_step", "diffusers DDPM.step"), ("ddim_step", "diffusers DDIM.step"),
-                         ("train", "randn+add_noise+mse+bwd")]:
+                         ("train", "randn+add_noise+mse+bwd"), ("train", "native, noise once"),
+                         ("training_loss", "plain torch loop"), ("training_loss", "native")]:
         assert (op, provider) in ok, (op, provider)
 
 
@@ -76,18 +81,30 @@ def test_quick_figures_are_consistent(quick_run):
         if r["status"] != "ok":
             continue
         assert r["bytes"] == bench.op_bytes(r["op"], r["shape"], bench.DTYPES[r["dtype"]])
-        assert r["ms"] > 0 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert r["ms"] > 0 and r["ms_min"] <= r["ms_p25"] <= r["ms"] <= r["ms_p75"] <= r["ms_max"]
+        assert len(r["samples_ms"]) == r["repeats"] and math.isclose(statistics.median(r["samples_ms"]), r["ms"])
         assert math.isclose(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
-        assert math.isclose(r["pct_copy"], 100 * r["gbps"] / copy, rel_tol=1e-9)
+        # %copy: against the same-size copy timed in the same rounds
+        copy_bytes = bench.op_bytes("copy", r["shape"], bench.DTYPES[r["dtype"]])
+        want = 100 * r["gbps"] / (copy_bytes / (r["copy_ms"] * 1e-3) / 1e9)
+        assert math.isclose(r["pct_copy"], want, rel_tol=1e-9)
+        assert r["pct_copy_p25"] <= r["pct_copy_p75"]
         groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
+    assert copy > 0
     for rows in groups.values():
         best = [r for r in rows if r.get("best") == r["provider"]]
         assert len(best) == 1
-        assert best[0]["speedup"] == 1.0
+        assert best[0]["speedup"] == 1.0 and best[0]["words"] == "(fastest)"
         if any(r["kind"] == "library" for r in rows):
             assert best[0]["kind"] == "library"
         for r in rows:
             assert math.isclose(r["speedup"], r["ms"] / best[0]["ms"], rel_tol=1e-9)
+            if r is best[0]:
+                continue
+            # vs_best: the per-round ratios of this row's time over the best's, in words
+            ratios = [a / b for a, b in zip(r["samples_ms"], best[0]["samples_ms"])]
+            assert math.isclose(r["vs_best"]["median"], statistics.median(ratios), rel_tol=1e-9)
+            assert r["words"] == f"{best[0]['provider']} {bench.words(r['vs_best']['median'])}"
 
 
 def test_quick_is_quick(quick_run):
@@ -108,10 +125,109 @@ def test_traffic_table():
 def test_table_prints_every_row(quick_run):
     data, _, _ = quick_run
     text = bench.format_table(data)
-    assert "copy bandwidth" in text
+    assert "large copy" in text and "same size" in text
     for op in bench.OPS:
         assert op in text
-    assert text.count("best") >= len(bench.OPS)
+    assert text.count("(fastest)") >= len(bench.OPS)
+    assert "faster" in text and "speedup" not in text
+
+
+def test_words_read_the_right_way_round():
+    assert bench.words(3.1) == "3.10x faster"
+    assert bench.words(0.5) == "2.00x slower"
+    assert bench.words(1.001) == "as fast"
+    assert bench.report.words_range(2.9, 3.3) == "[2.90-3.30x faster]"
+    assert bench.report.words_range(0.4, 0.5) == "[2.00-2.50x slower]"
+    assert bench.report.words_range(0.5, 2.0) == "[2.00x slower to 2.00x faster]"
+
+
+def test_verdict_needs_the_spread_on_one_side():
+    assert bench.verdict(4.2, 4.6, 4.0) == "met"
+    assert bench.verdict(3.1, 3.6, 4.0) == "NOT met"
+    assert bench.verdict(3.5, 4.5, 4.0) == "undecided"
+
+
+def _case(samples_lib, samples_base, shape=(64, 3, 32, 32)):
+    """A synthetic run of one ratio-target case: native and diffusers' step, paired per round."""
+    rows = []
+    for provider, kind, samples in (("native", "library", samples_lib), ("diffusers DDPM.step", "baseline",
+                                                                          samples_base)):
+        ms = statistics.median(samples)
+        rows.append({"op": "ddpm_step", "shape": list(shape), "numel": math.prod(shape), "dtype": "fp32",
+                     "provider": provider, "kind": kind, "status": "ok", "ms": ms, "samples_ms": list(samples)})
+    return {"machine": {"device": "cpu"}, "results": rows}
+
+
+def test_a_target_gets_a_verdict_only_when_the_spread_allows():
+    target = [{"device": "cpu", "op": "ddpm_step", "shape": [64, 3, 32, 32], "dtype": "fp32",
+               "baseline": "diffusers DDPM.step", "min_ratio": 4.0}]
+    steady = _case([1.0] * 9, [4.5, 4.4, 4.6, 4.5, 4.5, 4.3, 4.7, 4.5, 4.5])
+    (t,) = bench.check_targets(steady, target)
+    assert t["verdict"] == "met" and t["met"] is True and "4.50x faster than diffusers DDPM.step" in t["text"]
+    slow = _case([1.0] * 9, [3.0, 3.1, 2.9, 3.0, 3.0, 3.2, 2.8, 3.0, 3.0])
+    (t,) = bench.check_targets(slow, target)
+    assert t["verdict"] == "NOT met" and t["met"] is False
+    # a load burst hitting some rounds: the median alone says met, the quartiles straddle 4x
+    swinging = _case([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [17.0, 3.0, 4.8, 3.2, 6.0, 3.1, 5.5, 3.3, 4.4])
+    (t,) = bench.check_targets(swinging, target)
+    assert t["value"] > 4.0 and t["verdict"] == "undecided" and t["met"] is None
+    # the ratio is paired within a round: a burst slowing both providers of a round cancels out
+    paired = _case([1.0, 3.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0], [4.5, 13.5, 4.5, 4.5, 9.0, 4.5, 4.5, 4.5, 4.5])
+    (t,) = bench.check_targets(paired, target)
+    assert t["verdict"] == "met" and math.isclose(t["value"], 4.5)
+
+
+def test_the_targets_live_beside_the_benchmarks():
+    path = os.path.join(REPO, "benchmarks", "targets.json")
+    assert os.path.abspath(bench.report.DEFAULT_TARGETS) == os.path.abspath(path)
+    targets = bench.load_targets()
+    assert targets, "benchmarks/targets.json holds the issues' targets"
+    for t in targets:
+        assert t["op"] in bench.OPS and t["device"] in ("cpu", "cuda")
+        assert ("min_ratio" in t) != ("min_pct_copy" in t), t
+        if "min_ratio" in t:
+            assert t["baseline"] in bench.PROVIDERS[t["op"]], t
+    cpu = {(t["op"], tuple(t["shape"])): t["min_ratio"] for t in targets if t["device"] == "cpu"}
+    assert cpu[("ddpm_step", (64, 3, 32, 32))] == 4.0 and cpu[("train", (64, 3, 32, 32))] == 2.0
+    assert cpu[("training_loss", (1024, 2))] == 1.5
+    assert not hasattr(bench, "TARGETS"), "the targets are not part of the library"
+
+
+def _readme_table():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    start, end = "<!-- bench-table: ", "<!-- /bench-table -->"
+    i = text.index(start)
+    src = text[i + len(start):text.index("-->", i)].strip()
+    body = text[text.index("-->", i) + 3:text.index(end)].strip()
+    return src, body
+
+
+def test_readme_table_is_the_committed_run():
+    """The README's performance table is format_markdown of the committed run it names."""
+    src, body = _readme_table()
+    assert src.startswith("benchmarks/results/") and src.endswith(".json"), src
+    with open(os.path.join(REPO, src)) as f:
+        data = json.load(f)
+    assert body == bench.format_markdown(data).strip()
+    assert data["machine"]["threads"] == 1 and data["targets"]
+
+
+def test_markdown_from_json(tmp_path):
+    src, _ = _readme_table()
+    out = tmp_path / "table.md"
+    assert bench.main(["--from-json", os.path.join(REPO, src), "--markdown", str(out)]) == 0
+    assert out.read_text().startswith("Measured on ")
+
+
+def test_time_group_rotates_the_order():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    tms = bench.time_group(fns, "cpu", warmup=1, repeats=6, min_sample_s=0.0, budget_s=10.0, min_rounds=6)
+    timed = calls[6:]  # after two warm-up calls each (a, a, b, b, c, c)
+    firsts = [timed[3 * r] for r in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    assert all(len(t["samples"]) == t["repeats"] == 6 for t in tms.values())
 
 
 def test_time_fn_measures_what_it_runs():
@@ -190,7 +306,7 @@ def test_plot_from_a_real_run(quick_run, tmp_path):
     assert os.path.getsize(png) > 10_000
 
 
-def test_from_json_needs_plot(tmp_path, capsys):
+def test_from_json_needs_an_output(tmp_path, capsys):
     assert bench.main(["--from-json", str(tmp_path / "x.json")]) == 2
 
 
@@ -198,7 +314,9 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "ddpm_fast", "bench", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "--quick" in r.stdout and "--plot" in r.stdout and "--json" in r.stdout
+    for flag in ("--quick", "--plot", "--json", "--device", "--markdown", "--targets", "--from-json"):
+        assert flag in r.stdout, flag
+    assert "skipped unless --compile" in " ".join(r.stdout.split())  # --quick's help says what it skips
 
 
 def test_benchmark_suite_collects():
@@ -208,7 +326,7 @@ def test_benchmark_suite_collects():
                         "--bench-device", "cpu", "--bench-dtype", "fp32"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    n_ops = sum(len(p) for p in bench.PROVIDERS.values()) * len(bench.DEFAULT_SHAPES)
+    n_ops = sum(len(spec.providers) * len(bench.shapes_for(op, bench.DEFAULT_SHAPES)) for op, spec in bench.SPECS.items())
     assert f"{n_ops + len(bench.DEFAULT_SHAPES) + 1} tests collected" in r.stdout, r.stdout[-500:]
 
 

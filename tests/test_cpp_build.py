@@ -1,7 +1,7 @@
 """The torch-free layer builds and passes its C++ tests on its own, and every CUDA source compiles.
 
 * CMake configures and builds ``CMakeLists.txt`` in a temporary directory (the CPU kernels for
-  every instruction set and the C++ unit tests: Philox known answers, the §3 normals, dtype
+  every instruction set and the C++ unit tests: Philox known answers, the docs/noise.md normals, dtype
   conversions, formulas), then ``ctest`` runs them.
 * ``nvcc -std=c++17 -arch=sm_90 -c`` compiles every ``.cu`` file under ``csrc/`` that includes no
   torch header (no GPU needed), so a CUDA compile error fails here. The torch CUDA glue

@@ -463,6 +463,23 @@ def test_sample_cli_on_two_ranks_matches_one_process(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # in-process: the derivation, the plumbing, the helpers
 # ------------------------------------------------------------------------------------------------
+def test_sample_cli_ddim_without_steps_is_a_usage_error(tmp_path, capsys):
+    """DDIM needs --steps: whether ddim comes from --scheduler or from the folder's scheduler config,
+    the CLI stops with argparse's usage error (exit 2, the option named) before any model load or
+    process group, not with a traceback from inside the sampling loop."""
+    from ddpm_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(tmp_path), "-n", "2", "--scheduler", "ddim"])
+    assert e.value.code == 2
+    assert "--steps is required" in capsys.readouterr().err
+    F.DDIMScheduler(num_train_timesteps=T_TRAIN).save_pretrained(tmp_path / "folder")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(tmp_path / "folder"), "-n", "2"])
+    assert e.value.code == 2
+    assert "--steps is required" in capsys.readouterr().err
+
+
 def test_row_seeds_is_a_bijection_for_every_seed():
     idx = torch.cat([torch.arange(0, 4096), torch.tensor([2 ** 32 - 1, 2 ** 32, 2 ** 40 - 1, 2 ** 40, 2 ** 62,
                                                           2 ** 63 - 1])])

@@ -1,4 +1,4 @@
-"""The frozen noise contract (REFERENCE §3): known answers, layout rules and statistics."""
+"""The frozen noise contract (docs/noise.md): known answers, layout rules and statistics."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The reference against diffusers 0.42 (REFERENCE §2, §7), with the same noise.
+"""The reference against diffusers 0.42 (docs/decisions.md, docs/diffusers.md), with the same noise.
 
 Three comparisons per case:
 
@@ -27,12 +27,12 @@ Three comparisons per case:
    of its terms ``(|x_t| + |eps|)/sqrt(a)``, since ``(x_t - sqrt(1-a) eps)/sqrt(a)`` cancels (and
    clipping hides the scale) and fp32 rounding scales with the terms, not the result.
 
-Excluded, because diffusers gets them wrong (§7): ``fixed_large_log`` (diffusers square-roots a
+Excluded, because diffusers gets them wrong (docs/diffusers.md): ``fixed_large_log`` (diffusers square-roots a
 log-variance: NaN); ``learned`` is compared only with positive variance channels, given to
 diffusers as a variance and to us as its log (our ops read ``learned`` as a log-variance);
 DDIM only with spacings where diffusers' ``prev = t - T // n`` is the next timestep (``leading``,
 and ``trailing`` with ``n | T``); a zero-SNR schedule with epsilon prediction and thresholding at
-``t = T - 1`` (``torch.quantile`` of an all-inf row is NaN in diffusers, §1 wants it finite).
+``t = T - 1`` (``torch.quantile`` of an all-inf row is NaN in diffusers, docs/math.md wants it finite).
 """
 import json
 import os
@@ -352,7 +352,7 @@ def test_ddim_step_schedules(name, set_alpha_to_one, spacing, offset, n):
                                         set_alpha_to_one=set_alpha_to_one, **clipkw, **kw)
         sched.set_timesteps(n)
         ts = sched.timesteps.tolist()
-        # diffusers' rule t - T//n is the next entry for these spacings (§7)
+        # diffusers' rule t - T//n is the next entry for these spacings (docs/diffusers.md)
         assert all(ts[i] - 1000 // n == ts[i + 1] for i in range(len(ts) - 1))
         for i in list(range(3)) + list(range(len(ts) - 3, len(ts))):
             t = ts[i]
@@ -364,7 +364,7 @@ def test_ddim_step_schedules(name, set_alpha_to_one, spacing, offset, n):
 
 
 def test_fixed_large_log_is_fixed_large():
-    """§7: diffusers' fixed_large_log square-roots a log-variance (NaN); ours equals fixed_large."""
+    """docs/diffusers.md: diffusers' fixed_large_log square-roots a log-variance (NaN); ours equals fixed_large."""
     _, ours = _schedule_args("linear")
     g = torch.Generator().manual_seed(23)
     x = torch.randn(2, 3, 4, 4, generator=g)

@@ -1,4 +1,4 @@
-"""The reference against improved-diffusion's formulas (REFERENCE §1, §2).
+"""The reference against improved-diffusion's formulas (docs/math.md, docs/decisions.md).
 
 ``_Improved`` below re-implements, in float64 numpy, what improved-diffusion's
 ``gaussian_diffusion.py`` and ``losses.py`` compute (``GaussianDiffusion.__init__`` tables,

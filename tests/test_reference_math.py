@@ -1,4 +1,4 @@
-"""The reference (REFERENCE §1) against independent float64 closed forms.
+"""The reference (docs/math.md) against independent float64 closed forms.
 
 Everything here runs on backend="reference" (the specification itself); the other backends have
 their own parity tests against it. Closed forms are written out in numpy/python float64 so that a
@@ -386,7 +386,7 @@ def test_dynamic_threshold_row_past_2_pow_24():
 
 
 # --------------------------------------------------------------------------------------------
-# NaN and inf rules (§6)
+# NaN and inf rules (docs/api.md)
 # --------------------------------------------------------------------------------------------
 def test_clamp_keeps_nan():
     s = NoiseSchedule.from_name("linear", 1000)
@@ -424,7 +424,7 @@ def _all_finite_variants():
         for pred in ["epsilon", "sample", "v_prediction"]:
             for clip in ["none", "clip", "threshold"]:
                 if sched == "zero_snr_linear" and pred == "epsilon" and clip == "none":
-                    continue  # the one inf of §6, tested below
+                    continue  # the one inf of docs/api.md, tested below
                 yield sched, pred, clip
 
 

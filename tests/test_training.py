@@ -21,7 +21,7 @@ SCHED = NoiseSchedule.from_name("linear", 100, 1e-3, 0.2)
 
 
 def _manual(model, x0, schedule, seed, offset, target="epsilon"):
-    """The documented recipe, written out: t from timestep_generator(seed, offset), the §3 noise
+    """The documented recipe, written out: t from timestep_generator(seed, offset), the docs/noise.md noise
     of (seed, offset), x_t, the model, the per-sample MSE."""
     t, _ = UniformSampler(schedule.num_timesteps).sample(x0.shape[0], timestep_generator(seed, offset))
     eps = ddpm_fast.gaussian_noise(x0.shape, seed, offset, dtype=torch.float64)
@@ -137,3 +137,77 @@ def test_bad_inputs():
         NoiseStream(2 ** 63)
     with pytest.raises(ValueError, match="uniform_prob"):
         LossAwareSampler(10, uniform_prob=2.0)
+
+
+def test_uniform_sampler_draws_randint_of_the_generator():
+    """The uniform timesteps are torch.randint(0, T, (B,), generator=timestep_generator(seed, offset))
+    (documented in UniformSampler.sample); weights all 1. A subclass with its own weights() draws
+    with torch.multinomial from them, as before."""
+    t, w = UniformSampler(100).sample(513, timestep_generator(7, 3))
+    assert torch.equal(t, torch.randint(0, 100, (513,), generator=timestep_generator(7, 3)))
+    assert t.dtype == torch.int64 and torch.equal(w, torch.ones(513))
+
+    class Skewed(UniformSampler):
+        def weights(self):
+            return np.arange(1, self.num_timesteps + 1, dtype=np.float64)
+
+    t, w = Skewed(10).sample(64, timestep_generator(7, 3))
+    p = torch.arange(1, 11, dtype=torch.float64) / 55
+    assert torch.equal(t, torch.multinomial(p, 64, replacement=True, generator=timestep_generator(7, 3)))
+    torch.testing.assert_close(w, (1.0 / (10 * p[t])).float())
+    # LossAwareSampler before its warm-up: uniform weights, but its own weights(): multinomial
+    t, _ = LossAwareSampler(10).sample(64, timestep_generator(1, 1))
+    assert torch.equal(t, torch.multinomial(torch.full((10,), 0.1, dtype=torch.float64), 64, replacement=True,
+                                            generator=timestep_generator(1, 1)))
+
+
+def _native_cpu():
+    if not ddpm_fast.backends()["native"]["available"].get("cpu"):
+        pytest.skip(f"native backend unavailable on cpu: {ddpm_fast.backends()['native']['reason']}")
+
+
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_noise_once_is_bit_identical(target, dtype):
+    """On a CPU the loss forward draws the noise once and its backward reads it, and training_loss
+    draws it once for q_sample and the loss: the values are exactly those the kernels regenerate
+    from (seed, offset), so losses and gradients equal the regenerating path bit for bit."""
+    _native_cpu()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(6, 3, 4, generator=g).to(dtype)
+    mo = torch.randn(6, 3, 4, generator=g).to(dtype).requires_grad_(True)
+    t = torch.randint(0, 100, (6,), generator=g)
+    seed, offset = torch.tensor([11]), torch.tensor([4])
+    abar = SCHED.table(torch.device("cpu"))
+    loss = torch.ops.ddpm_fast.diffusion_loss(mo, x0, t, abar, None, seed, offset, target, 3.0)
+    grad_out = torch.linspace(0.5, 1.5, 6, dtype=loss.dtype)
+    (grad,) = torch.autograd.grad(loss, mo, grad_out)
+    with torch.no_grad():  # the regenerating forward and backward kernels, called directly
+        want = torch.ops.ddpm_fast.diffusion_loss(mo, x0, t, abar, None, seed, offset, target, 3.0)
+    want_grad = torch.ops.ddpm_fast.diffusion_loss_backward(grad_out, mo.detach(), x0, t, abar, None, seed, offset,
+                                                            target, 3.0)
+    assert torch.equal(loss.detach(), want) and torch.equal(grad, want_grad)
+    # per-row seeds draw the same per-row noise
+    seeds = torch.arange(6, dtype=torch.int64) * 1000 + 1
+    loss = torch.ops.ddpm_fast.diffusion_loss(mo, x0, t, abar, None, seeds, offset, target, None)
+    with torch.no_grad():
+        want = torch.ops.ddpm_fast.diffusion_loss(mo, x0, t, abar, None, seeds, offset, target, None)
+    assert torch.equal(loss.detach(), want)
+
+
+def test_training_loss_noise_once_equals_the_seed_path():
+    """training_loss on a CPU (one gaussian_noise for the step) against q_sample + diffusion_loss
+    with seed= (each regenerating): the same x_t fed to the model, the same loss and gradient."""
+    _native_cpu()
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    model = TinyModel()
+    loss, det = training_loss(model, x0, SCHED, seed=9, offset=2, return_details=True)
+    (grad,) = torch.autograd.grad(loss, model.W)
+    seen = model.seen[-1]
+    t = det["t"]
+    x_t = ddpm_fast.q_sample(x0, t, SCHED, seed=9, offset=2, backend="native")
+    per = ddpm_fast.diffusion_loss(model(x_t, t), x0, t, SCHED, seed=9, offset=2, reduction="none", backend="native")
+    want = per.mean()
+    (want_grad,) = torch.autograd.grad(want, model.W)
+    assert torch.equal(seen, model.seen[-1])
+    assert torch.equal(loss, want) and torch.equal(grad, want_grad)

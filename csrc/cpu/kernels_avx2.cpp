@@ -6,7 +6,10 @@
 #include <cstring>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
+// Philox with AVX2 intrinsics (kernels_impl.h); the other builds keep the auto-vectorised loop.
+#define DDPM_CPU_PHILOX_AVX2 1
 #endif
 
 #define DDPM_CPU_NS avx2

@@ -5,10 +5,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-
-#endif
-
 #define DDPM_CPU_NS baseline
 #define DDPM_CPU_TABLE_FN kernels_table_baseline
 #include "kernels_impl.h"

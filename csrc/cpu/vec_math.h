@@ -1,7 +1,7 @@
 // Vectorisable fp32 log, sin/cos of 2 pi u and exp for the CPU kernels: branch-free code on
 // floats and integer bit patterns that GCC's auto-vectoriser turns into SIMD (glibc's libm calls
-// would keep the noise loops scalar, and -ffast-math / libmvec are not allowed by §3). Accuracy:
-// a few ulp, so the §3 normals agree with the float64 specification within ~1e-6.
+// would keep the noise loops scalar, and -ffast-math / libmvec are not allowed by docs/noise.md). Accuracy:
+// a few ulp, so the docs/noise.md normals agree with the float64 specification within ~1e-6.
 #pragma once
 
 #include "ddpm_fast/common.h"
@@ -53,9 +53,17 @@ DDPM_FN void vec_sincos_2pi(float u, float* sin_out, float* cos_out) {
   cp = cp * y2 + 1.0f / 24.0f;
   cp = cp * y2 - 0.5f;
   cp = cp * y2 + 1.0f;
+  // Quadrant q = k mod 4: (sin, cos) = (sp, cp), (cp, -sp), (-sp, -cp), (-cp, sp). One swap on
+  // q's low bit and two sign flips (sin negative for q = 2, 3; cos for q = 1, 2): the same values
+  // as the four-way select, in two blends and two xors.
   const int32_t q = k & 3;
-  *sin_out = q == 0 ? sp : (q == 1 ? cp : (q == 2 ? -sp : -cp));
-  *cos_out = q == 0 ? cp : (q == 1 ? -sp : (q == 2 ? -cp : sp));
+  const bool swap = (q & 1) != 0;
+  const float s = swap ? cp : sp;
+  const float c = swap ? sp : cp;
+  const uint32_t sin_sign = static_cast<uint32_t>(q & 2) << 30;
+  const uint32_t cos_sign = static_cast<uint32_t>((q + 1) & 2) << 30;
+  *sin_out = bits_as_float(float_as_bits(s) ^ sin_sign);
+  *cos_out = bits_as_float(float_as_bits(c) ^ cos_sign);
 }
 
 // e^x = 2^k e^r, k = round(x / ln 2), |r| <= ln2 / 2, degree-7 Taylor polynomial; 2^k applied in

@@ -1,7 +1,7 @@
 // The torch-free CUDA kernels (launchers declared in ddpm_fast/cuda_kernels.h). One thread handles
 // a group of 4 consecutive elements of the flat B x N problem: its 4 normals are one Philox block
 // (with one seed and the global index, the group is exactly block q), made in registers by the
-// shared §3 header with accurate logf/sincospif (no fast math). Loads and stores of a full,
+// shared docs/noise.md header with accurate logf/sincospif (no fast math). Loads and stores of a full,
 // aligned group are vectorised (128-bit for fp32, 64-bit for 16-bit types). Seed and offset are
 // read from device memory, so a captured CUDA graph draws fresh noise when the offset changes;
 // no launcher synchronises with the host. Indices are 64-bit throughout.
@@ -131,7 +131,8 @@ __device__ __forceinline__ void group_noise(const NoiseArgs& na, int64_t N, int6
   }
 }
 
-__device__ __forceinline__ bool t_in_range(int64_t t, int64_t T) { return T <= 0 || (t >= 0 && t < T); }
+// Rows whose timestep lies outside the table are NaN rows; the table is never read outside.
+__device__ __forceinline__ bool t_in_range(int64_t t, int64_t T) { return t >= 0 && t < T; }
 
 template <typename R>
 __device__ __forceinline__ R quiet_nan() {
@@ -241,6 +242,7 @@ __global__ void step_kernel(StepArgs a) {
     }
     bool need_noise = false;
     int64_t cached_t = INT64_MIN, cached_prev = INT64_MIN;
+    bool row_ok = false;
     DdpmRow dr{};
     DdimRow ir{};
     bool noise_row[4];
@@ -251,19 +253,24 @@ __global__ void step_kernel(StepArgs a) {
         j = 0;
       }
       const int64_t t = a.t[row], prev = a.prev_t[row];
-      if (!t_in_range(t, a.T) || !(a.T <= 0 || prev < a.T)) {
-        out[k] = x0v[k] = quiet_nan<R>();
-        noise_row[k] = false;
-        continue;
-      }
       if (t != cached_t || prev != cached_prev) {
-        if (ddpm) {
-          dr = ddpm_row(a.abar[t], prev >= 0 ? a.abar[prev] : 1.0, a.variance, t > 0);
-        } else {
-          ir = ddim_row(a.abar[t], prev >= 0 ? a.abar[prev] : a.final_alpha_cumprod, a.eta);
+        // (t, prev_t) outside the table (prev_t < 0 is past the end: 1, final_alpha_cumprod, or
+        // NaN for the inversion): a NaN row, every output of it
+        const double abar_t = abar_of(a.abar, a.T, t);
+        const double abar_prev = abar_prev_of(a.abar, a.T, prev, ddpm ? 1.0 : a.final_alpha_cumprod);
+        row_ok = abar_t == abar_t && abar_prev == abar_prev;
+        if (row_ok && ddpm) {
+          dr = ddpm_row(abar_t, abar_prev, a.variance, t > 0);
+        } else if (row_ok) {
+          ir = ddim_row(abar_t, abar_prev, a.eta);
         }
         cached_t = t;
         cached_prev = prev;
+      }
+      if (!row_ok) {
+        out[k] = x0v[k] = quiet_nan<R>();
+        noise_row[k] = false;
+        continue;
       }
       const R sa = static_cast<R>(ddpm ? dr.sqrt_abar : ir.sqrt_abar);
       const R s1 = static_cast<R>(ddpm ? dr.sqrt_one_minus_abar : ir.sqrt_one_minus_abar);

@@ -105,11 +105,12 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& mo, const at::Tensor& x0, const 
   const int64_t* t_ptr = held.t.data_ptr<int64_t>();
   double* out64 = a.fp64_math ? out.data_ptr<double>() : nullptr;
   float* out32 = a.fp64_math ? nullptr : out.data_ptr<float>();
-  int64_t cached_t = -1;
-  double w = 1.0;
+  int64_t cached_t = INT64_MIN;  // a timestep outside the table, with its NaN weight
+  double w = std::nan("");
   for (int64_t b = 0; b < a.B; ++b) {  // per_sample = mean over the row, times the min-SNR weight
-    if (t_ptr[b] != cached_t) {
-      w = loss_row(a.abar[t_ptr[b]], a.target, a.min_snr, a.snr_gamma).weight;
+    if (t_ptr[b] != cached_t) {  // without snr_gamma: 1 inside the table (no loss_row: two sqrt a row), NaN outside
+      w = a.min_snr ? loss_row(abar_of(a.abar, a.T, t_ptr[b]), a.target, a.min_snr, a.snr_gamma).weight
+                    : (t_ptr[b] >= 0 && t_ptr[b] < a.T ? 1.0 : std::nan(""));
       cached_t = t_ptr[b];
     }
     const double mean = a.N > 0 ? sums[b] / static_cast<double>(a.N) : std::nan("");

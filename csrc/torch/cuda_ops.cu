@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "op_args.h"
 #include "ddpm_fast/cuda_kernels.h"
@@ -71,9 +72,12 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& model_output, cons
   return outputs.finish(out);
 }
 
-// Per-sample weights w_b on the device: mean * w from the per-row sums, without a host sync.
+// Per-sample weights w_b on the device: mean * w from the per-row sums, without a host sync. A t
+// outside the table gives NaN (its row sum is NaN already; the gather stays inside the table).
 at::Tensor finish_loss(const at::Tensor& sums, const LossArgs& a, const Held& held) {
-  const at::Tensor abar_t = held.abar.index_select(0, held.t);
+  const at::Tensor inside = at::logical_and(held.t >= 0, held.t < a.T);
+  const at::Tensor abar_t = at::where(inside, held.abar.index_select(0, held.t.clamp(0, a.T - 1)),
+                                      std::numeric_limits<double>::quiet_NaN());
   at::Tensor w = at::ones_like(abar_t);
   if (a.min_snr) {
     const at::Tensor snr = abar_t / (1.0 - abar_t);

@@ -4,8 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -46,9 +48,11 @@ inline Variance parse_variance(const std::string& s) {
   return Variance::kFixedSmall;
 }
 
-// Tensors kept alive (contiguous copies) while a kernel runs.
+// Tensors kept alive (contiguous copies) while a kernel runs, and the step's inputs as given (for
+// the out= overlap checks).
 struct Held {
   at::Tensor model_output, x, x0, x_t, t, prev_t, abar, noise, seed, offset, grad;
+  at::Tensor model_output_arg, noise_arg;
 };
 
 using Opt = c10::optional<at::Tensor>;
@@ -81,6 +85,7 @@ inline NoiseArgs noise_args(const c10::optional<at::Tensor>& noise, const c10::o
     TORCH_CHECK(noise->sizes() == sample.sizes(), "noise must have the sample's shape ", sample.sizes(), ", got ",
                 noise->sizes());
     held.noise = contiguous_on(*noise, sample, "noise");
+    held.noise_arg = *noise;
     na.noise = held.noise.data_ptr();
     na.noise_dtype = dtype_of(held.noise, "noise");
   } else if (has_seed) {
@@ -141,6 +146,7 @@ inline StepArgs step_args(const at::Tensor& model_output, const at::Tensor& t, c
   TORCH_CHECK(model_output.sizes().vec() == expected, "model_output must have shape ", at::IntArrayRef(expected),
               ", got ", model_output.sizes());
   held.model_output = contiguous_on(model_output, x_t, "model_output");
+  held.model_output_arg = model_output;
   held.x_t = x_t.contiguous();
   held.t = timesteps(t, a.B, x_t, "t");
   held.prev_t = timesteps(prev_t, a.B, x_t, "prev_t");
@@ -158,6 +164,9 @@ inline StepArgs step_args(const at::Tensor& model_output, const at::Tensor& t, c
   a.thresholding = o.thresholding;
   a.dynamic_thresholding_ratio = o.dynamic_thresholding_ratio;
   a.sample_max_value = o.sample_max_value;
+  // s = clamp(quantile, 1, sample_max_value) divides x0_hat: s = 0 would make every row NaN
+  TORCH_CHECK_VALUE(!o.thresholding || o.sample_max_value > 0.0,
+                    "sample_max_value must be positive with thresholding, got ", o.sample_max_value);
   a.eta = o.eta;
   a.use_clipped_model_output = o.use_clipped_model_output;
   a.final_alpha_cumprod = o.final_alpha_cumprod;
@@ -192,7 +201,9 @@ inline LossArgs loss_args(const at::Tensor& model_output, const at::Tensor& x0, 
   a.T = held.abar.numel();
   a.fp64_math = model_output.scalar_type() == at::kDouble || x0.scalar_type() == at::kDouble;
   a.noise = noise_args(noise, seed, offset, x0, held);
-  TORCH_CHECK(a.target == Prediction::kSample || a.noise.noise != nullptr || a.noise.seed != nullptr,
+  // (an empty tensor's data pointer may be null: an empty problem needs no noise)
+  TORCH_CHECK(a.target == Prediction::kSample || a.noise.noise != nullptr || a.noise.seed != nullptr ||
+                  x0.numel() == 0,
               "diffusion_loss with target='", target, "' needs noise or seed");
   return a;
 }
@@ -236,7 +247,7 @@ inline QSampleArgs q_sample_args(const at::Tensor& x0, const at::Tensor& t, cons
   a.T = held.abar.numel();
   a.fp64_math = x0.scalar_type() == at::kDouble;
   a.noise = noise_args(noise, seed, offset, x0, held);
-  TORCH_CHECK(a.noise.noise != nullptr || a.noise.seed != nullptr, "q_sample needs noise or seed");
+  TORCH_CHECK(a.noise.noise != nullptr || a.noise.seed != nullptr || x0.numel() == 0, "q_sample needs noise or seed");
   return a;
 }
 
@@ -274,6 +285,16 @@ inline VlbArgs vlb_args(const at::Tensor& mo, const at::Tensor& x0, const at::Te
   return a;
 }
 
+// out= may be exactly an input (the same memory, shape and strides: out = x_t updates in place) but
+// must not share only part of its memory with one (the kernels would read values they already
+// wrote), as torch's own out= ops refuse (at::get_overlap_status: Partial).
+inline void check_out_overlap(const at::Tensor& out, const at::Tensor& input, const char* name) {
+  if (!input.defined()) return;
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, input) != at::MemOverlapStatus::Partial, "out shares part of its ",
+                    "memory with ", name, " (a shifted or sliced view of the same storage): give out = ", name,
+                    " itself for an in-place update, or a tensor of its own");
+}
+
 // The outputs of a step: x_prev is `out` itself when given and contiguous (written directly), else a new
 // tensor that finish() copies into `out`; x0_hat is empty unless asked for.
 struct StepOutputs {
@@ -282,8 +303,16 @@ struct StepOutputs {
 
   StepOutputs(StepArgs& a, const Held& held, const at::Tensor& x_t, bool return_x0, const Opt& out) {
     if (out.has_value()) {
-      TORCH_CHECK(out->sizes() == x_t.sizes() && out->scalar_type() == x_t.scalar_type() &&
-                      out->device() == x_t.device(), "out must match x_t's shape, dtype and device");
+      TORCH_CHECK_VALUE(out->sizes() == x_t.sizes() && out->scalar_type() == x_t.scalar_type() &&
+                            out->device() == x_t.device(),
+                        "out must match x_t's shape, dtype and device (", x_t.sizes(), ", ", x_t.scalar_type(), ", ",
+                        x_t.device(), "), got ", out->sizes(), ", ", out->scalar_type(), ", ", out->device());
+      TORCH_CHECK_VALUE(at::has_internal_overlap(*out) != at::MemOverlap::Yes,
+                        "out must not be expanded: several of its elements share one memory location (strides ",
+                        out->strides(), "); give a tensor with memory of its own");
+      check_out_overlap(*out, x_t, "x_t");
+      check_out_overlap(*out, held.model_output_arg, "model_output");
+      check_out_overlap(*out, held.noise_arg, "noise");
     }
     direct = out.has_value() && out->is_contiguous();
     x_prev = direct ? *out : at::empty_like(held.x_t);
@@ -369,13 +398,15 @@ struct StepOps {
                            ddim_options(eta, pred, uc, fa, clip, range, thr, ratio, smv, w), rx0, out));
   }
 
-  // DDIM inversion = a DDIM step towards next_t with eta = 0.
+  // DDIM inversion = a DDIM step towards next_t with eta = 0. next_t must lie in the table
+  // (next_t > t >= 0): its "past the end" value is NaN, so a negative next_t gives a NaN row.
+  static constexpr double kNextOutsideTable = std::numeric_limits<double>::quiet_NaN();
   static StepResult ddim_reverse_step(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& nt,
                                       const at::Tensor& x_t, const at::Tensor& abar, c10::string_view pred, bool uc,
                                       bool clip, double range, bool thr, double ratio, double smv,
                                       c10::optional<double> w, bool rx0) {
     return run(mo, t, nt, x_t, abar, c10::nullopt, c10::nullopt, c10::nullopt,
-               ddim_options(0.0, pred, uc, 1.0, clip, range, thr, ratio, smv, w), rx0, c10::nullopt);
+               ddim_options(0.0, pred, uc, kNextOutsideTable, clip, range, thr, ratio, smv, w), rx0, c10::nullopt);
   }
 
   static at::Tensor ddim_reverse_step_out(const at::Tensor& mo, const at::Tensor& t, const at::Tensor& nt,
@@ -383,7 +414,7 @@ struct StepOps {
                                           bool uc, bool clip, double range, bool thr, double ratio, double smv,
                                           c10::optional<double> w, bool rx0, at::Tensor& out) {
     return std::get<1>(run(mo, t, nt, x_t, abar, c10::nullopt, c10::nullopt, c10::nullopt,
-                           ddim_options(0.0, pred, uc, 1.0, clip, range, thr, ratio, smv, w), rx0, out));
+                           ddim_options(0.0, pred, uc, kNextOutsideTable, clip, range, thr, ratio, smv, w), rx0, out));
   }
 
   // Registers the six entry points in a TORCH_LIBRARY_IMPL block.

@@ -18,6 +18,7 @@ import torch
 
 from .. import ops, reference
 from ..schedule import NoiseSchedule, betas_for_schedule, inference_timesteps, rescale_zero_terminal_snr
+from ..step_options import StepOptions
 from ._config import BASES, KARRAS_COMPATIBLES, USING_DIFFUSERS, BaseOutput
 
 __all__ = ["SchedulerOutput", "randn_like_diffusers", "learned_variance_to_log", "to_device_async"]
@@ -116,10 +117,8 @@ def _draw_seed() -> int:
 
 
 def _norm_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    # cuda gets its current index; a device this torch cannot use is a ValueError naming `device`
+    return ops._check_device("device", device)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -323,7 +322,7 @@ class _FastSchedulerBase(*BASES):
     def _finish_set_timesteps(self, timesteps: List[int], device):
         self.timesteps = torch.tensor(timesteps, dtype=torch.int64)
         if device is not None:
-            self.timesteps = self.timesteps.to(device)
+            self.timesteps = self.timesteps.to(_norm_device(device))
         self._set_prev_table(timesteps)
         self._reset_noise(device)
 
@@ -471,11 +470,7 @@ class _FastSchedulerBase(*BASES):
 
     def _clip_options(self) -> dict:
         """The config's clipping and dynamic-thresholding options, as the step ops take them."""
-        c = self.config
-        return dict(clip_sample=bool(c.clip_sample), clip_sample_range=float(c.clip_sample_range),
-                    thresholding=bool(c.get("thresholding", False)),
-                    dynamic_thresholding_ratio=float(c.get("dynamic_thresholding_ratio", 0.995)),
-                    sample_max_value=float(c.get("sample_max_value", 1.0)))
+        return StepOptions.from_config(self.config).clip_options()
 
     def _step_output(self, x_prev, x0_hat, device, return_dict: bool):
         """Advances the counter-noise offset and returns a step's result as diffusers does."""

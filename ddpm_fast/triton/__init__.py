@@ -1,4 +1,4 @@
-"""The "triton" backend: Triton kernels for every op (REFERENCE §1, §3, §6), registered as
+"""The "triton" backend: Triton kernels for every op (docs/math.md, docs/noise.md, docs/api.md), registered as
 ``ddpm_fast_triton::<op>`` through ``torch.library.triton_op`` (``custom_op`` on a torch without it)
 with ``register_fake`` and autograd, so ``torch.compile`` traces them and CUDA graphs capture them.
 Ops: ``gaussian_noise``, ``q_sample``, ``ddpm_step``, ``ddim_step``, ``ddim_reverse_step`` (each step
@@ -116,39 +116,33 @@ def q_sample(x0, t, alphas_cumprod, noise, seed, offset):
     return torch.ops.ddpm_fast_triton.q_sample(x0, t, alphas_cumprod, noise, seed, offset)
 
 
+def _step(name, args, model_output, x_t, opts, out):
+    """A step through ``ddpm_fast_triton::<name>`` or its ``_out`` op (a strided ``out`` is written
+    through the functional op: the kernels store contiguously)."""
+    from .._op_glue import run_step
+    _load()
+    ops = torch.ops.ddpm_fast_triton
+    return run_step(getattr(ops, name), getattr(ops, name + "_out"), args + opts.schema_args(),
+                    model_output=model_output, x_t=x_t, return_x0=opts.return_x0, out=out, strided_out=False)
+
+
 def ddpm_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type,
-              variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-              sample_max_value, guidance_scale, return_x0, out):
-    m = _load()["ddpm_step"]
-    return m.run(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset,
-                 prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample,
-                 clip_sample_range=clip_sample_range, thresholding=thresholding,
-                 dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-                 guidance_scale=guidance_scale, return_x0=return_x0, out=out)
+              variance_type, opts, out):
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type)
+    return _step("ddpm_step", args, model_output, x_t, opts, out)
 
 
 def ddim_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
-              use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    m = _load()["ddim_step"]
-    return m.run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta=eta,
-                      prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
-                      final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
-                      clip_sample_range=clip_sample_range, thresholding=thresholding,
-                      dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-                      guidance_scale=guidance_scale, return_x0=return_x0, out=out)
+              use_clipped_model_output, final_alpha_cumprod, opts, out):
+    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
+            use_clipped_model_output, final_alpha_cumprod)
+    return _step("ddim_step", args, model_output, x_t, opts, out)
 
 
 def ddim_reverse_step(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
-                      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                      guidance_scale, return_x0, out):
-    m = _load()["ddim_step"]
-    return m.run_reverse(model_output, t, next_t, x_t, alphas_cumprod, prediction_type=prediction_type,
-                         use_clipped_model_output=use_clipped_model_output, clip_sample=clip_sample,
-                         clip_sample_range=clip_sample_range, thresholding=thresholding,
-                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                         sample_max_value=sample_max_value, guidance_scale=guidance_scale,
-                         return_x0=return_x0, out=out)
+                      opts, out):
+    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output)
+    return _step("ddim_reverse_step", args, model_output, x_t, opts, out)
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, seed, offset, *, target, snr_gamma):

@@ -2,7 +2,7 @@
 
 Device side (``@triton.jit``):
 
-* the §3 noise: Philox4x32-10 words -> uniforms ``u(r) = ((r >> 9) + 0.5) * 2^-23`` -> Box-Muller
+* the docs/noise.md noise: Philox4x32-10 words -> uniforms ``u(r) = ((r >> 9) + 0.5) * 2^-23`` -> Box-Muller
   normals, through ``triton.language.random.philox(seed, c0, c1, c2, c3)`` with the four counter
   words as **uint32** tensors (``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``, split with
   logical shifts of the uint64 values): ``tl.randn``/``tl.randint4x`` use other layouts and cannot
@@ -13,7 +13,7 @@ Device side (``@triton.jit``):
   (``tl.extra.cuda.libdevice``); the interpreter cannot call extern functions and takes the
   ``tl.*`` path, which it evaluates with numpy (accurate);
 * NaN-keeping clamps (comparisons are false for NaN, so NaN passes through);
-* the parameterisation conversions (§1) with fp32 per-row coefficients.
+* the parameterisation conversions (docs/math.md) with fp32 per-row coefficients.
 
 Host side: whether we run under the interpreter, the fixed block size used there, the autotune
 configurations used on CUDA (keyed on the row count and row length, i.e. on the element count),
@@ -96,6 +96,8 @@ def launch_step(plain, tuned, *, B: int, N: int, device: torch.device, allow_tun
     from it; then the step itself. Kernel arguments are ``(*inputs, out, x0, *middle, thr, *tail)``."""
     thr = dummy(device)
     if thresholding:
+        if not sample_max_value > 0.0:  # s = clamp(q, 1, sample_max_value) divides x0_hat
+            raise ValueError(f"sample_max_value must be positive with thresholding, got {sample_max_value}")
         raw = torch.empty((B, N), device=device, dtype=torch.float32)
         launch(plain, tuned, B=B, N=N, device=device, allow_tune=True,
                args=(*inputs, raw, raw, *middle, thr, *tail), kwargs=dict(kwargs, RAW_X0=True, WRITE_X0=False))
@@ -142,37 +144,31 @@ def _wrap(kernel):
     return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
 
 
-def needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+def check_out(out, **inputs):
+    """The ``_out`` ops' rule for ``out`` (ops.py's, docs/errors.md): not expanded, and exactly an
+    input (``out`` = ``x_t``) or disjoint from every input, never sharing part of one's memory.
+    Skipped while tracing (fake tensors have no memory; aliasing is then the compiler's)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from ..ops import _has_internal_overlap, _same_view, _shares_memory
+
+    if torch.compiler.is_compiling() or is_fake(out):
+        return
+    if _has_internal_overlap(out):
+        raise ValueError(f"out must not be expanded: several of its elements share one memory location (strides "
+                         f"{tuple(out.stride())})")
+    for name, x in inputs.items():
+        if x is not None and not _same_view(out, x) and _shares_memory(out, x):
+            raise ValueError(f"out shares part of its memory with {name} (a shifted or sliced view of the same "
+                             f"storage): give out={name} itself for an in-place update, or a tensor of its own")
 
 
-def run_step_op(op, out_op, args, *, model_output, x_t, return_x0, out):
-    """The backend entry point of a step: the functional ``op(*args)`` (autograd-capable) when there is
-    no ``out``, when a gradient is needed or when ``out`` is strided (its result then copied into
-    ``out``); else ``out_op(*args, out)`` writing ``out`` directly. Returns (x, x0_hat or None)."""
-    if out is None or needs_grad(model_output, x_t) or not out.is_contiguous():
-        x, x0_hat = op(*args)
-        if out is not None:
-            out.copy_(x)
-            x = out
-    else:
-        x0_hat = out_op(*args, out)
-        x = out
-    return x, (x0_hat if return_x0 else None)
-
-
-def step_vjp(f, model_output, x_t, grad_x, grad_x0):
-    """(grad model_output, grad x_t) of a step ``f(model_output, x_t) -> (x, x0_hat)``; an absent or
-    empty grad_x0 (x0_hat not returned) counts as zeros."""
-    _, vjp = torch.func.vjp(f, model_output, x_t)
-    g0 = grad_x0 if (grad_x0 is not None and grad_x0.numel() == x_t.numel()) else torch.zeros_like(x_t)
-    return vjp((grad_x, g0))
-
-
-def fake_step_outputs(x_t, return_x0):
-    """The (x, x0_hat) a step returns, for register_fake: x_t's shape; x0_hat empty unless asked for."""
-    x0 = torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype) if return_x0 else x_t.new_empty(0)
-    return torch.empty(x_t.shape, device=x_t.device, dtype=x_t.dtype), x0
+def abar_rows(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """abar[t] per row for the backward formulas (torch, not a kernel): float64, NaN where t lies
+    outside the table (no out-of-bounds index)."""
+    T = alphas_cumprod.numel()
+    inside = (t >= 0) & (t < T)
+    return torch.where(inside, alphas_cumprod[t.clamp(0, T - 1)], torch.full_like(alphas_cumprod[:1], float("nan")))
 
 
 def num_blocks(N: int, block: int) -> int:
@@ -266,12 +262,14 @@ def sqrt64(x):
 
 
 @triton.jit
-def to_dtype(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even. Compiled kernels get it from ``.to``;
-    the interpreter truncates fp32 -> bf16 (numpy has no bf16), so there the value is first rounded
-    to the nearest bf16 in fp32 bits (ties to even, NaN kept) and the truncation is then exact."""
+def to_dtype(x, dtype: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. Kernels compiled for CUDA with libdevice
+    (``USE_LIBDEVICE``, see :func:`use_libdevice`) get it from ``.to``; the interpreter truncates
+    fp32 -> bf16 (numpy has no bf16), so elsewhere the value is first rounded to the nearest bf16
+    in fp32 bits (ties to even, NaN kept) and the truncation is then exact (on a compiled kernel
+    without libdevice this gives the same result as ``.to``)."""
     if dtype == tl.bfloat16:
-        if not COMPILED:
+        if not USE_LIBDEVICE:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
@@ -314,7 +312,7 @@ def box_muller(ra, rb, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def normals_aligned(seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """The §3 normals of the BLOCK consecutive indices ``base ..`` (base a multiple of 4): one
+    """The docs/noise.md normals of the BLOCK consecutive indices ``base ..`` (base a multiple of 4): one
     Philox call per quad, its four normals interleaved back into index order."""
     q = base // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     r0, r1, r2, r3 = philox_words(seed, q, offset)
@@ -326,7 +324,7 @@ def normals_aligned(seed, offset, base, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.c
 
 @triton.jit
 def normals_at(seed, offset, idx, USE_LIBDEVICE: tl.constexpr):
-    """The §3 normals at arbitrary int64 indices (a quad's words recomputed per element)."""
+    """The docs/noise.md normals at arbitrary int64 indices (a quad's words recomputed per element)."""
     r0, r1, r2, r3 = philox_words(seed, idx >> 2, offset)
     lane = idx & 3
     ra = tl.where(lane < 2, r0, r2)
@@ -340,7 +338,7 @@ def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
               NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
               BLOCK: tl.constexpr, FLAT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """The noise of elements ``cols`` of row(s) ``row`` of a sample with N elements a row: a given
-    tensor (NOISE_MODE 1) or the §3 normals of (seed, offset) at the row-major sample index
+    tensor (NOISE_MODE 1) or the docs/noise.md normals of (seed, offset) at the row-major sample index
     (NOISE_MODE 2): ``i = row * N + col``, or ``col`` with per-row seeds (``seed[row]``).
     ALIGNED: the block's indices are consecutive from a multiple of 4, so one Philox call serves
     four elements (row-wise: per-row seeds or N % 4 == 0; flat: a scalar seed); otherwise each
@@ -370,13 +368,23 @@ def row_noise(noise_ptr, seed_ptr, offset_ptr, row, blk, cols, mask, N,
 
 @triton.jit
 def x0_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
-    """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
+    """epsilon: (x_t - sqrt(1-a) eps)/sqrt(a) (0/0 at zero SNR is 0, its limit a -> 0+, as the
+    reference); sample: the prediction; v: sqrt(a) x_t - sqrt(1-a) v."""
     if PRED == 0:
-        return tl.div_rn(x - sqrt_1m_abar * pred, sqrt_abar)
+        num = x - sqrt_1m_abar * pred
+        return tl.where(num == 0.0, num, tl.div_rn(num, sqrt_abar))
     elif PRED == 1:
         return pred
     else:
         return sqrt_abar * x - sqrt_1m_abar * pred
+
+
+@triton.jit
+def eps_from_x0(x, x0, sqrt_abar, sqrt_1m_abar):
+    """(x_t - sqrt(a) x0)/sqrt(1-a), the signal term 0 at a = 0 even for an infinite x0 (the
+    reference's zero-SNR limit: 0 * inf would be NaN)."""
+    signal = tl.where(sqrt_abar == 0.0, 0.0, sqrt_abar * x0)
+    return tl.div_rn(x - signal, sqrt_1m_abar)
 
 
 @triton.jit
@@ -385,7 +393,7 @@ def eps_from_prediction(pred, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
     if PRED == 0:
         return pred
     elif PRED == 1:
-        return tl.div_rn(x - sqrt_abar * pred, sqrt_1m_abar)
+        return eps_from_x0(x, pred, sqrt_abar, sqrt_1m_abar)
     else:
         return sqrt_abar * pred + sqrt_1m_abar * x
 
@@ -420,8 +428,9 @@ def f64_from_pair(hi, lo):
 
 
 @triton.jit
-def abar_at(abar_ptr, t, past_end, T):
-    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0, NaN where t >= T (a
+def abar_or_past_end(abar_ptr, t, past_end, T):
+    """abar[t] in float64 from the (T,) table: ``past_end`` where t < 0 (the step past the end:
+    1 for DDPM, final_alpha_cumprod for DDIM), NaN where t >= T (a
     device-tensor timestep out of range poisons its row instead of reading out of bounds; the
     host-side check is ops.py's, opt-in for device tensors)."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
@@ -429,8 +438,8 @@ def abar_at(abar_ptr, t, past_end, T):
 
 
 @triton.jit
-def abar_of(abar_ptr, t, T):
-    """abar[t] in float64, NaN unless 0 <= t < T."""
+def abar_in_table(abar_ptr, t, T):
+    """abar[t] in float64 for a timestep that must lie in the table: NaN unless 0 <= t < T."""
     a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1))
     return tl.where((t >= 0) & (t < T), a, float("nan"))
 

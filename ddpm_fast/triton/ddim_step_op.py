@@ -1,4 +1,4 @@
-"""The DDIM step (Song et al., REFERENCE §1) and its inversion in one fused kernel:
+"""The DDIM step (Song et al., docs/math.md) and its inversion in one fused kernel:
 prediction (with guidance) -> x0_hat and eps_hat -> clip or dynamic threshold -> (optionally
 eps_hat from the clipped x0_hat) -> ``sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat
 + sigma z``. The inversion (``ddim_reverse_sample``) is the same kernel with ``abar_prev`` replaced
@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_glue import register_step_glue
 from . import _helpers as H
 
 
@@ -29,12 +30,12 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
-    abar = H.abar_of(abar_ptr, t, T)
+    abar = H.abar_in_table(abar_ptr, t, T)
     # Python floats reach kernels as fp32: eta and final_alpha_cumprod travel as (hi, lo) fp32 pairs
     # and are rebuilt in float64 (fp32 alone would put 6e-8 relative error on abar_prev, i.e. up to
     # ~6e-4 on 1 - abar_prev near t = 0)
     eta = H.f64_from_pair(eta_hi, eta_lo)
-    abar_prev = H.abar_at(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo), T)
+    abar_prev = H.abar_or_past_end(abar_ptr, prev_t, H.f64_from_pair(final_hi, final_lo), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 
@@ -51,11 +52,13 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         elif CLIP:
             x0_hat = H.clamp_keep_nan(x0_hat, -clip_range, clip_range)
         if USE_CLIPPED:
-            eps_hat = tl.div_rn(x - sqrt_abar * x0_hat, sqrt_1m_abar)
-        # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row
-        # (0 when eta = 0: the inversion has abar_next < abar_t, where the second root is NaN)
-        sigma = tl.where(eta > 0, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))
+            eps_hat = H.eps_from_x0(x, x0_hat, sqrt_abar, sqrt_1m_abar)
+        # sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev), float64 per row,
+        # only towards a less noisy state (abar_prev > abar_t); 0 elsewhere (the inversion, a final
+        # step with final_alpha_cumprod <= abar_t), where sigma^2 would be negative
+        sigma = tl.where(abar_prev > abar, eta * H.sqrt64((1.0 - abar_prev) / (1.0 - abar))
                          * H.sqrt64(tl.maximum(1.0 - abar / abar_prev, 0.0)), 0.0)
+        sigma = tl.where(eta > 0, sigma, 0.0)
         direction = H.sqrt64(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)).to(tl.float32)
         x_prev = H.sqrt64(abar_prev).to(tl.float32) * x0_hat + direction * eps_hat
         if NOISE_MODE != 0:
@@ -65,6 +68,8 @@ def _ddim_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         x_prev = H.to_dtype(x_prev, out_ptr.dtype.element_ty, USE_LIBDEVICE)
         tl.store(out_ptr + row * N + cols, x_prev, mask=mask)
         if WRITE_X0:
+            # a row outside the table is NaN in every output (x_prev is already, by its coefficients)
+            x0_hat = tl.where(abar == abar, tl.where(abar_prev == abar_prev, x0_hat, float("nan")), float("nan"))
             x0_hat = H.to_dtype(x0_hat, x0_ptr.dtype.element_ty, USE_LIBDEVICE)
             tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
 
@@ -124,13 +129,6 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
     return out, x0_hat
 
 
-@ddim_step.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return H.fake_step_outputs(x_t, return_x0)
-
-
 @H.register_op("ddpm_fast_triton::ddim_step_out", mutates_args={"out"})
 def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, x_t: torch.Tensor,
                   alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
@@ -138,6 +136,7 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                   final_alpha_cumprod: float, clip_sample: bool, clip_sample_range: float, thresholding: bool,
                   dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
                   return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    H.check_out(out, x_t=x_t, model_output=model_output, noise=noise)
     return _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, eta=eta,
                    prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
                    final_alpha_cumprod=final_alpha_cumprod, clip_sample=clip_sample,
@@ -146,44 +145,14 @@ def ddim_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                    guidance_scale=guidance_scale, return_x0=return_x0, allow_tune=False)
 
 
-@ddim_step_out.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-      use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-      dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    return H.fake_step_outputs(x_t, return_x0)[1]
-
-
-_STEP_NAMES = ("eta", "prediction_type", "use_clipped_model_output", "final_alpha_cumprod", "clip_sample",
-               "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-               "guidance_scale")
-
-
-def _step_setup(ctx, inputs, output):
-    ctx.opts = dict(zip(_STEP_NAMES, inputs[8:18]))
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
-
-
-def _step_backward(ctx, grad_prev, grad_x0):
-    from .. import reference as R
-    model_output, t, prev_t, x_t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo, xt):
-        return R.ddim_step(mo, t, prev_t, xt, alphas_cumprod, None, **ctx.opts)
-
-    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_prev, grad_x0)
-    return (g_mo, None, None, g_xt) + (None,) * 15
-
-
-ddim_step.register_autograd(_step_backward, setup_context=_step_setup)
-
-
 # --------------------------------------------------------------------------------------------
 # ddim_reverse_step (inversion): the step kernel with abar_prev := abar_next, eta = 0
 # --------------------------------------------------------------------------------------------
 def _reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range, thresholding,
                     dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, allow_tune):
+    # final_alpha_cumprod NaN: a negative next_t (outside the table: next_t > t >= 0) gives a NaN row
     return dict(eta=0.0, prediction_type=prediction_type, use_clipped_model_output=use_clipped_model_output,
-                final_alpha_cumprod=1.0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                final_alpha_cumprod=float("nan"), clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                 sample_max_value=sample_max_value, guidance_scale=guidance_scale, return_x0=return_x0,
                 allow_tune=allow_tune)
@@ -203,73 +172,18 @@ def ddim_reverse_step(model_output: torch.Tensor, t: torch.Tensor, next_t: torch
     return out, x0_hat
 
 
-@ddim_reverse_step.register_fake
-def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0):
-    return H.fake_step_outputs(x_t, return_x0)
-
-
 @H.register_op("ddpm_fast_triton::ddim_reverse_step_out", mutates_args={"out"})
 def ddim_reverse_step_out(model_output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x_t: torch.Tensor,
                           alphas_cumprod: torch.Tensor, prediction_type: str, use_clipped_model_output: bool,
                           clip_sample: bool, clip_sample_range: float, thresholding: bool,
                           dynamic_thresholding_ratio: float, sample_max_value: float,
                           guidance_scale: Optional[float], return_x0: bool, out: torch.Tensor) -> torch.Tensor:
+    H.check_out(out, x_t=x_t, model_output=model_output)
     return _launch(model_output, t, next_t, x_t, alphas_cumprod, None, None, None, out,
                    **_reverse_kwargs(prediction_type, use_clipped_model_output, clip_sample, clip_sample_range,
                                      thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
                                      return_x0, False))
 
 
-@ddim_reverse_step_out.register_fake
-def _(model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0,
-      out):
-    return H.fake_step_outputs(x_t, return_x0)[1]
-
-
-_REV_NAMES = ("prediction_type", "use_clipped_model_output", "clip_sample", "clip_sample_range", "thresholding",
-              "dynamic_thresholding_ratio", "sample_max_value", "guidance_scale")
-
-
-def _reverse_setup(ctx, inputs, output):
-    ctx.opts = dict(zip(_REV_NAMES, inputs[5:13]))
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
-
-
-def _reverse_backward(ctx, grad_next, grad_x0):
-    from .. import reference as R
-    model_output, t, next_t, x_t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo, xt):
-        return R.ddim_reverse_step(mo, t, next_t, xt, alphas_cumprod, **ctx.opts)
-
-    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_next, grad_x0)
-    return (g_mo, None, None, g_xt) + (None,) * 10
-
-
-ddim_reverse_step.register_autograd(_reverse_backward, setup_context=_reverse_setup)
-
-
-# --------------------------------------------------------------------------------------------
-# backend entry points
-# --------------------------------------------------------------------------------------------
-def run_step(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, eta, prediction_type,
-             use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-             dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, eta, prediction_type,
-            use_clipped_model_output, final_alpha_cumprod, clip_sample, clip_sample_range, thresholding,
-            dynamic_thresholding_ratio, sample_max_value, guidance_scale, return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_step, torch.ops.ddpm_fast_triton.ddim_step_out, args,
-                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)
-
-
-def run_reverse(model_output, t, next_t, x_t, alphas_cumprod, *, prediction_type, use_clipped_model_output,
-                clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                guidance_scale, return_x0, out):
-    args = (model_output, t, next_t, x_t, alphas_cumprod, prediction_type, use_clipped_model_output, clip_sample,
-            clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
-            return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddim_reverse_step,
-                         torch.ops.ddpm_fast_triton.ddim_reverse_step_out, args, model_output=model_output,
-                         x_t=x_t, return_x0=return_x0, out=out)
+# fakes and autograd of both steps (the vjp of the reference step): the shared glue
+register_step_glue("ddpm_fast_triton", ("ddim_step", "ddim_reverse_step"))

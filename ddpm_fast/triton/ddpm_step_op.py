@@ -1,4 +1,4 @@
-"""The reverse DDPM step (Ho et al. Algorithm 2 in diffusers' order, REFERENCE §1) in one fused
+"""The reverse DDPM step (Ho et al. Algorithm 2 in diffusers' order, docs/math.md) in one fused
 kernel: prediction (with classifier-free guidance) -> x0_hat -> clip or dynamic threshold ->
 posterior mean -> + sigma z where t > 0, for every prediction and variance type. Ops
 ``ddpm_fast_triton::ddpm_step`` (functional, differentiable) and ``ddpm_step_out`` (writes ``out``,
@@ -12,7 +12,7 @@ main launch reads the per-row threshold from a device tensor. No host sync anywh
 Backward: the vjp of ``ddpm_fast.reference.ddpm_step`` with ``noise=None`` (the additive
 ``sigma z`` is independent of ``model_output`` and ``x_t``; with learned variances ``sigma`` depends
 on the model output, and that term is ``z * dsigma``: the backward regenerates it by passing the
-noise through, see ``_backward``).
+noise through; ``ddpm_fast._op_glue`` registers it, with the fakes).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_glue import register_step_glue
 from . import _helpers as H
 
 
@@ -35,9 +36,9 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
     prev_t = tl.load(prev_ptr + row)
-    # per-row coefficients in float64 (REFERENCE §1), rounded to fp32 for the element math
-    abar = H.abar_of(abar_ptr, t, T)
-    abar_prev = H.abar_at(abar_ptr, prev_t, 1.0, T)
+    # per-row coefficients in float64 (docs/math.md), rounded to fp32 for the element math
+    abar = H.abar_in_table(abar_ptr, t, T)
+    abar_prev = H.abar_or_past_end(abar_ptr, prev_t, 1.0, T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
 
@@ -77,6 +78,8 @@ def _ddpm_step_kernel(mo_ptr, xt_ptr, out_ptr, x0_ptr, t_ptr, prev_ptr, abar_ptr
         x_prev = H.to_dtype(x_prev, out_ptr.dtype.element_ty, USE_LIBDEVICE)
         tl.store(out_ptr + row * N + cols, x_prev, mask=mask)
         if WRITE_X0:
+            # a row outside the table is NaN in every output (x_prev is already, by its coefficients)
+            x0_hat = tl.where(abar == abar, tl.where(abar_prev == abar_prev, x0_hat, float("nan")), float("nan"))
             x0_hat = H.to_dtype(x0_hat, x0_ptr.dtype.element_ty, USE_LIBDEVICE)
             tl.store(x0_ptr + row * N + cols, x0_hat, mask=mask)
 
@@ -128,11 +131,6 @@ def ddpm_step(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
     return out, x0_hat
 
 
-@ddpm_step.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
-      return_x0):
-    return H.fake_step_outputs(x_t, return_x0)
 
 
 @H.register_op("ddpm_fast_triton::ddpm_step_out", mutates_args={"out"})
@@ -143,65 +141,11 @@ def ddpm_step_out(model_output: torch.Tensor, t: torch.Tensor, prev_t: torch.Ten
                   sample_max_value: float, guidance_scale: Optional[float], return_x0: bool,
                   out: torch.Tensor) -> torch.Tensor:
     """As ddpm_step, x_prev written into ``out`` (contiguous, x_t's shape and dtype; may be x_t)."""
+    H.check_out(out, x_t=x_t, model_output=model_output, noise=noise)
     return _launch(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, out, prediction_type,
                    variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
                    sample_max_value, guidance_scale, return_x0, False)
 
 
-@ddpm_step_out.register_fake
-def _(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-      clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, guidance_scale,
-      return_x0, out):
-    return H.fake_step_outputs(x_t, return_x0)[1]
-
-
-# --------------------------------------------------------------------------------------------
-# autograd: the vjp of the reference step
-# --------------------------------------------------------------------------------------------
-_NAMES = ("prediction_type", "variance_type", "clip_sample", "clip_sample_range", "thresholding",
-          "dynamic_thresholding_ratio", "sample_max_value", "guidance_scale")
-
-
-def _setup_context(ctx, inputs, output):
-    model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset = inputs[:8]
-    ctx.opts = dict(zip(_NAMES, inputs[8:16]))
-    ctx.return_x0 = inputs[16]
-    ctx.save_for_backward(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset)
-
-
-def _backward(ctx, grad_prev, grad_x0):
-    from .. import reference as R
-    model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset = ctx.saved_tensors
-    opts = ctx.opts
-    # sigma z: independent of the inputs for fixed variances; with learned ones sigma depends on the
-    # model output, so the very noise of the forward is passed to the reference (regenerated from
-    # (seed, offset) when it was drawn in the kernel).
-    z = None
-    if opts["variance_type"] in ("learned", "learned_range") and (noise is not None or seed is not None):
-        z = noise if noise is not None else _regenerate(x_t, seed, offset)
-
-    def f(mo, xt):
-        return R.ddpm_step(mo, t, prev_t, xt, alphas_cumprod, z, **opts)
-
-    g_mo, g_xt = H.step_vjp(f, model_output, x_t, grad_prev, grad_x0)
-    return g_mo, None, None, g_xt, None, None, None, None, *([None] * 9)
-
-
-def _regenerate(x_t, seed, offset):
-    return torch.ops.ddpm_fast_triton.gaussian_noise(list(x_t.shape), seed, offset, torch.float32)
-
-
-ddpm_step.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------------------------
-# the backend entry point
-# --------------------------------------------------------------------------------------------
-def run(model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, *, prediction_type, variance_type,
-        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-        guidance_scale, return_x0, out):
-    args = (model_output, t, prev_t, x_t, alphas_cumprod, noise, seed, offset, prediction_type, variance_type,
-            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
-            guidance_scale, return_x0)
-    return H.run_step_op(torch.ops.ddpm_fast_triton.ddpm_step, torch.ops.ddpm_fast_triton.ddpm_step_out, args,
-                         model_output=model_output, x_t=x_t, return_x0=return_x0, out=out)
+# fakes and autograd (the vjp of the reference step): the shared glue
+register_step_glue("ddpm_fast_triton", ("ddpm_step",))

@@ -1,4 +1,4 @@
-"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (REFERENCE §1) with the
+"""The simple loss ``w(t) * mean((target - model_output)^2)`` per sample (docs/math.md) with the
 noise regenerated from ``(seed, offset)`` in forward and backward: no noise tensor is stored.
 Op ``ddpm_fast_triton::diffusion_loss`` (grad in ``model_output`` through the Triton backward
 kernel of ``ddpm_fast_triton::diffusion_loss_backward``).
@@ -23,7 +23,8 @@ TARGET_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 @triton.jit
 def _row_weight(abar, snr_gamma, TARGET: tl.constexpr, SNR: tl.constexpr):
     """min-SNR-gamma weight of a row in float64 (1 without snr_gamma): snr = a/(1-a);
-    epsilon min(snr, g)/snr (1 at snr = 0), v min(snr, g)/(snr + 1), x0 min(snr, g)."""
+    epsilon min(snr, g)/snr (1 at snr = 0), v min(snr, g)/(snr + 1), x0 min(snr, g); NaN where
+    abar is (t outside the table)."""
     if SNR:
         snr = abar / (1.0 - abar)
         g = tl.cast(snr_gamma, tl.float64)
@@ -36,7 +37,7 @@ def _row_weight(abar, snr_gamma, TARGET: tl.constexpr, SNR: tl.constexpr):
             w = clipped
     else:
         w = abar * 0.0 + 1.0
-    return w
+    return tl.where(abar == abar, w, float("nan"))   # NaN for a row whose t is outside the table
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _block_terms(mo_ptr, x0_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offset_pt
     mask, model_output, target, the row's min-SNR weight), in fp32 (the noise regenerated from
     (seed, offset) when not given)."""
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
-    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)
+    abar = H.abar_in_table(abar_ptr, tl.load(t_ptr + row), T)
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -136,7 +137,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
              kwargs=dict(TARGET=TARGET_CODES[target], SNR=snr_gamma is not None, NOISE_MODE=mode,
                          PER_ROW_SEED=per_row, ALIGNED=aligned, USE_LIBDEVICE=H.use_libdevice(dev)))
     per_sample = partials.sum(dim=1) / N
-    return per_sample * weights if snr_gamma is not None else per_sample
+    return per_sample * weights   # 1 (or the min-SNR weight), NaN for a row whose t is outside the table
 
 
 @diffusion_loss.register_fake
@@ -176,10 +177,24 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    """In model_output by the kernel; in x0 (targets sample and v_prediction depend on it):
+    -(d loss / d model_output) d target / d x0, d target / d x0 = 1 (sample), -sqrt(1 - abar_t) (v),
+    from the kernel's fp32 gradient (not rounded to a half model_output dtype first)."""
     model_output, x0, t, alphas_cumprod, noise, seed, offset = ctx.saved_tensors
-    g = torch.ops.ddpm_fast_triton.diffusion_loss_backward(grad, model_output, x0, t, alphas_cumprod, noise, seed,
+    want_mo, want_x0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.target != "epsilon"
+    mo = model_output.to(torch.float32) if want_x0 else model_output
+    g = torch.ops.ddpm_fast_triton.diffusion_loss_backward(grad, mo, x0, t, alphas_cumprod, noise, seed,
                                                            offset, ctx.target, ctx.snr_gamma)
-    return g, None, None, None, None, None, None, None, None
+    g_x0 = None
+    if want_x0:
+        if ctx.target == "sample":
+            g_x0 = -g
+        else:
+            s1 = (1.0 - H.abar_rows(alphas_cumprod, t)).sqrt().to(torch.float32)
+            g_x0 = g * s1.reshape((-1,) + (1,) * (g.dim() - 1))
+        g_x0 = g_x0.to(x0.dtype)
+        g = g.to(model_output.dtype)
+    return (g if want_mo else None), g_x0, None, None, None, None, None, None, None
 
 
 diffusion_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""gaussian_noise: the §3 normals of (seed, offset) written to a tensor, as the op
+"""gaussian_noise: the docs/noise.md normals of (seed, offset) written to a tensor, as the op
 ``ddpm_fast_triton::gaussian_noise``."""
 from __future__ import annotations
 

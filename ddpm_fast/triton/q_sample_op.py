@@ -1,5 +1,5 @@
 """q_sample: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the noise a given tensor or
-the §3 normals drawn in registers, as the op ``ddpm_fast_triton::q_sample`` (grad in x0:
+the docs/noise.md normals drawn in registers, as the op ``ddpm_fast_triton::q_sample`` (grad in x0:
 ``sqrt(abar_t) * grad``)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _q_sample_kernel(x0_ptr, out_ptr, t_ptr, abar_ptr, noise_ptr, seed_ptr, offs
                      NOISE_MODE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ALIGNED: tl.constexpr,
                      USE_LIBDEVICE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
-    abar = H.abar_of(abar_ptr, tl.load(t_ptr + row), T)                # float64
+    abar = H.abar_in_table(abar_ptr, tl.load(t_ptr + row), T)                # float64
     sqrt_abar = H.sqrt64(abar).to(tl.float32)
     sqrt_1m_abar = H.sqrt64(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -63,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     t, alphas_cumprod = ctx.saved_tensors
     shape = (-1,) + (1,) * (grad.dim() - 1)
-    sqrt_abar = alphas_cumprod[t].sqrt().to(torch.float32).reshape(shape)
+    sqrt_abar = H.abar_rows(alphas_cumprod, t).sqrt().to(torch.float32).reshape(shape)   # NaN outside
     return (grad.to(torch.float32) * sqrt_abar).to(ctx.x0_dtype), None, None, None, None, None
 
 

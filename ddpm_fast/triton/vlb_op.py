@@ -1,4 +1,4 @@
-"""The variational-bound term per sample in bits/dim (REFERENCE §1, improved-diffusion):
+"""The variational-bound term per sample in bits/dim (docs/math.md, improved-diffusion):
 ``KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t))`` for t > 0, the discretized Gaussian decoder NLL at
 t = 0, in one elementwise kernel writing per-(row, block) partial sums. Op
 ``ddpm_fast_triton::vlb_loss``; its gradient in ``model_output`` is the vjp of
@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_glue import register_vlb_glue
 from . import _helpers as H
 
 LOG2 = math.log(2.0)
@@ -39,8 +40,8 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
                 BLOCK: tl.constexpr):
     row, blk, cols, mask = H.row_and_block(B, N, BLOCK, FLAT)
     t = tl.load(t_ptr + row)
-    abar = H.abar_of(abar_ptr, t, T)
-    abar_prev = H.abar_at(abar_ptr, t - 1, 1.0, T)
+    abar = H.abar_in_table(abar_ptr, t, T)
+    abar_prev = H.abar_or_past_end(abar_ptr, t - 1, 1.0, T)
     beta = 1.0 - abar / abar_prev
     coef_x0 = (beta * H.sqrt64(abar_prev) / (1.0 - abar)).to(tl.float32)
     coef_xt = ((1.0 - abar_prev) * H.sqrt64(abar / abar_prev) / (1.0 - abar)).to(tl.float32)
@@ -49,8 +50,8 @@ def _vlb_kernel(mo_ptr, x0_ptr, xt_ptr, t_ptr, abar_ptr, partial_ptr, B, N, P, T
         t1 = tl.maximum(t, 1)
     else:
         t1 = t
-    a1 = H.abar_at(abar_ptr, t1, 1.0, T)
-    a1_prev = H.abar_at(abar_ptr, t1 - 1, 1.0, T)
+    a1 = H.abar_or_past_end(abar_ptr, t1, 1.0, T)
+    a1_prev = H.abar_or_past_end(abar_ptr, t1 - 1, 1.0, T)
     var_clipped = (1.0 - a1 / a1_prev) * (1.0 - a1_prev) / (1.0 - a1)
     logvar_clipped = H.log_f(tl.maximum(var_clipped, 1e-20), USE_LIBDEVICE)
     log_beta = H.log_f(beta, USE_LIBDEVICE)
@@ -118,27 +119,5 @@ def vlb_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t:
     return partials.sum(dim=1) / N / LOG2
 
 
-@vlb_loss.register_fake
-def _(model_output, x0, x_t, t, alphas_cumprod, prediction_type, variance_type):
-    return x0.new_empty((x0.shape[0],), dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.prediction_type, ctx.variance_type = inputs[5], inputs[6]
-
-
-def _backward(ctx, grad):
-    from .. import reference as R
-    model_output, x0, x_t, t, alphas_cumprod = ctx.saved_tensors
-
-    def f(mo):
-        return R.vlb_terms(mo, x0, x_t, t, alphas_cumprod, prediction_type=ctx.prediction_type,
-                           variance_type=ctx.variance_type)
-
-    _, vjp = torch.func.vjp(f, model_output)
-    (g,) = vjp(grad.to(torch.float32))
-    return g, None, None, None, None, None, None
-
-
-vlb_loss.register_autograd(_backward, setup_context=_setup_context)
+# fake and autograd (the vjp of the reference): the shared glue
+register_vlb_glue("ddpm_fast_triton")

@@ -1,4 +1,4 @@
-// Unit tests of the torch-free layer (run by ctest): Philox known answers, the §3 uniforms and
+// Unit tests of the torch-free layer (run by ctest): Philox known answers, the docs/noise.md uniforms and
 // normals table, the vectorised CPU normals of every instruction set against the scalar header
 // path, dtype conversions and a few formulas. Exit status 0 on success.
 #include <cmath>

@@ -1,18 +1,16 @@
-"""The Triton backend against the reference, op by op and variant by variant (REFERENCE §1, §3, §6).
+"""What is particular to the Triton backend: availability and dispatch, the noise helpers inside
+a kernel (Philox counter words, the quad path, Box-Muller at the uniform's ends), the flat grid,
+the sm_90 compile check, and the GPU-only paths (torch.compile, CUDA graphs, native parity, int64
+indexing, opcheck). Its parity with the reference, op by op, is the shared suite
+(tests/parity_cases.py, run for triton by tests/triton/test_parity_triton.py).
 
 Runs in its own process: ``TRITON_INTERPRET=1 python -m pytest tests/triton -q`` (the variable is
 read when Triton kernels are decorated, so it cannot be switched inside a session that already
 imported them). On CPU it needs TRITON_INTERPRET=1; on a CUDA machine it runs the compiled kernels
-on the GPU (and the GPU-only tests at the bottom). Shapes are small: the interpreter is slow.
-
-Tolerances (per output dtype): fp32 results agree within 1e-5 (both sides compute in fp32 from the
-same float64 coefficients; the §3 noise of the two sides agrees within 1e-5 by contract, scaled by
-sigma <= 1 here); fp16/bf16 results are the same fp32 values rounded, so they agree within one
-unit in the last place of that dtype (relative 2^-10, 2^-7), plus the fp32 tolerance.
-"""
+on the GPU (and the GPU-only tests at the bottom)."""
 from __future__ import annotations
 
-import itertools
+import importlib
 import math
 import os
 
@@ -36,59 +34,28 @@ except Exception as e:  # pragma: no cover
     pytest.skip(f"triton is not importable ({e})", allow_module_level=True)
 
 import ddpm_fast as F  # noqa: E402
-from ddpm_fast import reference as R  # noqa: E402
-from ddpm_fast.noise import gaussian_noise_reference, normals_at as normals_at_reference  # noqa: E402
+import parity_cases as P  # noqa: E402
+from ddpm_fast.noise import normals_at as normals_at_reference  # noqa: E402
 from ddpm_fast.triton import _helpers as H  # noqa: E402
+from parity_cases import SCHED as SCHEDULE, SHAPE, VARIANCES, Lane, seeded_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if (CUDA and not INTERPRET) else "cpu")
+TRITON = Lane("triton", DEVICE, large=not INTERPRET)
+importlib.import_module("ddpm_fast.triton")._load()  # registers torch.ops.ddpm_fast_triton (used directly below)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-FP32_TOL = 1e-5
-SHAPE = (2, 3, 4, 5)
-SCHEDULE = F.NoiseSchedule.from_name("linear", 1000)
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
-VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+gen, T = TRITON.gen, TRITON.T
+
+
+def assert_close(op, got, want, dtype=torch.float32, atol=P.ATOL):
+    """The shared rule (parity_cases.assert_close) at ``dtype``'s rounding unit; ``want`` may be a
+    float64 oracle."""
+    P.assert_close(got, want, dtype, atol=atol, op=op, check_dtype=False)
+
+
+def _ddpm_inputs(variance_type, guidance, dtype=torch.float32, shape=SHAPE, seed=0):
+    return seeded_step_inputs(TRITON, variance_type, guidance, dtype, shape, seed)
 
 # Largest error seen per (op, dtype), printed at the end of the session (the closing note's table).
-WORST = {}
-
-
-def _record(op, dtype, got, want):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    both_nan = torch.isnan(got) & torch.isnan(want)
-    diff = torch.where(both_nan, torch.zeros_like(got), (got - want).abs())
-    rel = diff / want.abs().clamp(min=1e-3)
-    key = (op, str(dtype).replace("torch.", ""))
-    a, r = WORST.get(key, (0.0, 0.0))
-    WORST[key] = (max(a, float(diff.max()) if diff.numel() else 0.0), max(r, float(rel.max()) if rel.numel() else 0.0))
-
-
-def assert_close(op, got, want, dtype=torch.float32, atol=FP32_TOL):
-    """|got - want| <= atol + ulp(dtype) * |want| elementwise, NaN where the other is NaN."""
-    _record(op, dtype, got, want)
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
-    assert g.shape == w.shape, (g.shape, w.shape)
-    assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{op}: NaN pattern differs"
-    ok = torch.isnan(w) | ((g - w).abs() <= atol + ULP[dtype] * w.abs())
-    bad = (~ok).nonzero()
-    assert bool(ok.all()), (f"{op} {dtype}: {len(bad)} elements off, worst |diff| "
-                            f"{float((g - w).abs().nan_to_num().max()):.3g} at {bad[0].tolist()}")
-
-
-def gen(*shape, scale=1.0, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
-
-
-def T(*values):
-    return torch.tensor(values, dtype=torch.int64, device=DEVICE)
-
-
-def teardown_module(module):
-    if WORST:
-        print("\nTriton vs reference, worst |abs| / rel error per op and dtype (device %s):" % DEVICE)
-        for (op, dt), (a, r) in sorted(WORST.items()):
-            print(f"  {op:28s} {dt:9s} abs {a:.3g}  rel {r:.3g}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,18 +86,8 @@ def test_fp64_refused_by_name():
 
 
 # --------------------------------------------------------------------------------------------
-# the §3 noise
+# the noise helpers inside a kernel
 # --------------------------------------------------------------------------------------------
-KNOWN = [  # REFERENCE §3 known answers
-    (0, 0, [0.9911375, -0.9246628, -0.6176091, -0.4820683]),
-    (0x123456789AB, 7, [1.6177623, 0.6978294, 0.6346602, -0.0150390, -1.1643815, -2.3782302]),
-]
-
-
-@pytest.mark.parametrize("seed,offset,values", KNOWN)
-def test_noise_known_answers(seed, offset, values):
-    z = F.gaussian_noise((len(values),), seed, offset, device=DEVICE, backend="triton")
-    assert_close("gaussian_noise", z, torch.tensor(values, dtype=torch.float64), atol=1e-5 + 5e-8)
 
 
 @triton.jit
@@ -160,7 +117,7 @@ def _box_muller_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_LIBD
 
 
 def test_noise_index_past_2_32():
-    """i = 4 * 2^32 + 3 uses the high counter word (c1): the §3 known answer +0.3931865."""
+    """i = 4 * 2^32 + 3 uses the high counter word (c1): the docs/noise.md known answer +0.3931865."""
     idx = torch.tensor([17179869187, 4, 5, 0], dtype=torch.int64, device=DEVICE)
     out = torch.empty(4, dtype=torch.float32, device=DEVICE)
     _normals_at_kernel[(1,)](idx, out, 0x123456789AB, 7, 4, BLOCK=4, USE_LIBDEVICE=H.use_libdevice(DEVICE))
@@ -192,341 +149,6 @@ def test_uniform_ends_give_finite_normals():
     want = torch.cat([c, s])
     assert bool(torch.isfinite(out).all())
     assert_close("gaussian_noise", out, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,per_row", [((2, 3, 4, 5), False), ((3, 5, 7), False), ((3, 5, 7), True),
-                                           ((37,), False), ((4, 2), True)])
-def test_noise_matches_reference(shape, per_row, dtype):
-    seed = T(11, 2 ** 40 + 5, 3, 2 ** 62 + 1)[: shape[0]] if per_row else 0x123456789AB
-    offset = 2 ** 33 + 9
-    z = F.gaussian_noise(shape, seed, offset, device=DEVICE, dtype=dtype, backend="triton")
-    assert z.dtype == dtype and tuple(z.shape) == shape
-    want = gaussian_noise_reference(shape, seed.cpu() if per_row else seed, offset, dtype=torch.float64)
-    assert_close("gaussian_noise", z, want, dtype, atol=1e-5)
-
-
-def test_noise_offset_tensor_selects_stream():
-    a = F.gaussian_noise(SHAPE, 5, torch.tensor(3, device=DEVICE), device=DEVICE, backend="triton")
-    b = F.gaussian_noise(SHAPE, 5, 3, device=DEVICE, backend="triton")
-    c = F.gaussian_noise(SHAPE, 5, 4, device=DEVICE, backend="triton")
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_per_row_seed_is_batch_independent():
-    """Row b of a per-row-seeded draw does not depend on the batch around it."""
-    big = F.gaussian_noise((3, 3, 4, 5), T(7, 8, 9), 2, device=DEVICE, backend="triton")
-    one = F.gaussian_noise((1, 3, 4, 5), T(8), 2, device=DEVICE, backend="triton")
-    assert torch.equal(big[1:2], one)
-
-
-# --------------------------------------------------------------------------------------------
-# q_sample
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("noise_kind", ["seed", "per_row_seed", "tensor"])
-def test_q_sample(dtype, noise_kind):
-    x0 = gen(*SHAPE, dtype=dtype)
-    t = T(0, 999)
-    kw = {"tensor": dict(noise=gen(*SHAPE, seed=3, dtype=dtype)), "seed": dict(seed=12345, offset=6),
-          "per_row_seed": dict(seed=T(4, 2 ** 50), offset=1)}[noise_kind]
-    got = F.q_sample(x0, t, SCHEDULE, backend="triton", **kw)
-    want = F.q_sample(x0, t, SCHEDULE, backend="reference", **kw)
-    assert got.dtype == dtype
-    assert_close("q_sample", got, want, dtype)
-
-
-def test_q_sample_unaligned_rows_and_noncontiguous():
-    """Rows of 35 elements (quads straddle rows) and a transposed (strided) input."""
-    x0 = gen(5, 7, 3).transpose(1, 2)
-    assert not x0.is_contiguous()
-    t = T(1, 10, 100, 500, 998)
-    got = F.q_sample(x0, t, SCHEDULE, seed=99, offset=3, backend="triton")
-    want = F.q_sample(x0, t, SCHEDULE, seed=99, offset=3, backend="reference")
-    assert_close("q_sample", got, want)
-
-
-def test_q_sample_grad():
-    x0 = gen(*SHAPE).requires_grad_()
-    x0r = x0.detach().clone().requires_grad_()
-    g = gen(*SHAPE, seed=8)
-    t = T(5, 700)
-    (F.q_sample(x0, t, SCHEDULE, seed=1, backend="triton") * g).sum().backward()
-    (F.q_sample(x0r, t, SCHEDULE, seed=1, backend="reference") * g).sum().backward()
-    assert_close("q_sample.grad", x0.grad, x0r.grad)
-
-
-# --------------------------------------------------------------------------------------------
-# the DDPM step
-# --------------------------------------------------------------------------------------------
-CLIPS = {"none": dict(clip_sample=False), "clip": dict(clip_sample=True, clip_sample_range=1.5),
-         "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)}
-
-
-def _ddpm_inputs(variance_type, guidance, dtype=torch.float32, shape=SHAPE, seed=0):
-    B, C = shape[0], shape[1]
-    mo_shape = (2 * B if guidance else B, 2 * C if variance_type.startswith("learned") else C) + shape[2:]
-    mo = gen(*mo_shape, scale=1.5, seed=seed + 1, dtype=dtype)
-    if variance_type.startswith("learned"):  # keep the variance channels in a sane range
-        mo[:, C:] = mo[:, C:].clamp(-1, 1) if variance_type == "learned_range" else mo[:, C:] * 0.5 - 6
-    return mo, gen(*shape, scale=1.2, seed=seed + 2, dtype=dtype)
-
-
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("variance_type", VARIANCES)
-def test_ddpm_step_variants(prediction_type, variance_type):
-    """Every prediction x variance x (no clip, clip, threshold) x guidance, fp32, per-sample t
-    (one row at t = 0: no noise there), noise from a seed, x0_hat returned."""
-    t, prev_t = T(500, 0), T(499, -1)
-    for (clip_name, clip), guidance in itertools.product(CLIPS.items(), (None, 3.0)):
-        mo, xt = _ddpm_inputs(variance_type, guidance)
-        kw = dict(prev_t=prev_t, prediction_type=prediction_type, variance_type=variance_type,
-                  guidance_scale=guidance, seed=77, offset=5, return_x0=True, **clip)
-        got, got_x0 = F.ddpm_step(mo, t, xt, SCHEDULE, backend="triton", **kw)
-        want, want_x0 = F.ddpm_step(mo, t, xt, SCHEDULE, backend="reference", **kw)
-        assert_close("ddpm_step", got, want)
-        assert_close("ddpm_step.x0_hat", got_x0, want_x0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
-def test_ddpm_step_half(dtype, variance_type):
-    t = T(900, 3)
-    for clip_name, clip in CLIPS.items():
-        mo, xt = _ddpm_inputs(variance_type, None, dtype)
-        kw = dict(variance_type=variance_type, seed=T(3, 4), offset=2, return_x0=True, **clip)
-        got, got_x0 = F.ddpm_step(mo, t, xt, SCHEDULE, backend="triton", **kw)
-        want, want_x0 = F.ddpm_step(mo, t, xt, SCHEDULE, backend="reference", **kw)
-        assert got.dtype == dtype
-        assert_close("ddpm_step", got, want, dtype)
-        assert_close("ddpm_step.x0_hat", got_x0, want_x0, dtype)
-
-
-def test_ddpm_step_mixed_dtypes_noise_tensor_respaced():
-    """fp16 model output over fp32 latents; a given noise tensor; a respaced pair (t, prev_t) far
-    apart; a transposed (non-contiguous) x_t."""
-    mo, _ = _ddpm_inputs("fixed_large", None, torch.float16)
-    xt = gen(2, 5, 4, 3).permute(0, 3, 2, 1)
-    assert not xt.is_contiguous()
-    noise = gen(*SHAPE, seed=9)
-    kw = dict(prev_t=T(600, 100), variance_type="fixed_large", noise=noise)
-    got = F.ddpm_step(mo, T(800, 300), xt, SCHEDULE, backend="triton", **kw)
-    want = F.ddpm_step(mo, T(800, 300), xt, SCHEDULE, backend="reference", **kw)
-    assert got.dtype == torch.float32
-    assert_close("ddpm_step", got, want)
-
-
-def test_ddpm_step_out_in_place():
-    mo, xt = _ddpm_inputs("fixed_small", None)
-    want = F.ddpm_step(mo, T(10, 20), xt, SCHEDULE, seed=1, backend="reference")
-    got = F.ddpm_step(mo, T(10, 20), xt, SCHEDULE, seed=1, out=xt, backend="triton")
-    assert got is xt
-    assert_close("ddpm_step", xt, want)
-
-
-def test_ddpm_step_zero_snr_and_nan():
-    """Zero terminal SNR (abar = 0 at T-1): epsilon x0_hat is +-inf, clipped back to finite;
-    a NaN in a row under thresholding makes that row NaN, and only that row."""
-    sched = F.NoiseSchedule.from_name("linear", 1000, rescale_zero_snr=True)
-    mo, xt = _ddpm_inputs("fixed_small", None)
-    got = F.ddpm_step(mo, T(999, 500), xt, sched, seed=3, backend="triton")
-    want = F.ddpm_step(mo, T(999, 500), xt, sched, seed=3, backend="reference")
-    assert bool(torch.isfinite(got).all())
-    assert_close("ddpm_step", got, want)
-    mo[1, 0, 0, 0] = float("nan")
-    kw = dict(seed=3, **CLIPS["threshold"])
-    got = F.ddpm_step(mo, T(400, 500), xt, SCHEDULE, backend="triton", **kw)
-    want = F.ddpm_step(mo, T(400, 500), xt, SCHEDULE, backend="reference", **kw)
-    assert bool(torch.isnan(got[1]).all()) and bool(torch.isfinite(got[0]).all())
-    assert_close("ddpm_step", got, want)
-
-
-@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
-def test_ddpm_step_grad(variance_type):
-    """Gradients in model_output and x_t (including sigma's dependence on learned variances)."""
-    grads = []
-    for backend in ("triton", "reference"):
-        mo, xt = _ddpm_inputs(variance_type, 2.0)
-        mo.requires_grad_()
-        xt.requires_grad_()
-        x_prev, x0 = F.ddpm_step(mo, T(300, 2), xt, SCHEDULE, variance_type=variance_type, guidance_scale=2.0,
-                                 seed=5, return_x0=True, backend=backend)
-        (x_prev * gen(*SHAPE, seed=4) + x0 * gen(*SHAPE, seed=5)).sum().backward()
-        grads.append((mo.grad, xt.grad))
-    assert_close("ddpm_step.grad", grads[0][0], grads[1][0])
-    assert_close("ddpm_step.grad", grads[0][1], grads[1][1])
-
-
-# --------------------------------------------------------------------------------------------
-# DDIM and its inversion
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("eta", [0.0, 0.6])
-def test_ddim_step_variants(prediction_type, eta):
-    """use_clipped_model_output x (no clip, clip, threshold) x guidance; one row at its final
-    step (prev_t = -1 with final_alpha_cumprod = abar_0, set_alpha_to_one=False)."""
-    t, prev_t = T(500, 20), T(480, -1)
-    final = float(SCHEDULE.alphas_cumprod[0])
-    for use_clipped, (clip_name, clip), guidance in itertools.product((False, True), CLIPS.items(), (None, 4.0)):
-        mo, xt = _ddpm_inputs("fixed_small", guidance)
-        kw = dict(prev_t=prev_t, eta=eta, prediction_type=prediction_type, use_clipped_model_output=use_clipped,
-                  final_alpha_cumprod=final, guidance_scale=guidance, return_x0=True,
-                  seed=(T(1, 2) if eta > 0 else None), offset=3, **clip)
-        got, got_x0 = F.ddim_step(mo, t, xt, SCHEDULE, backend="triton", **kw)
-        want, want_x0 = F.ddim_step(mo, t, xt, SCHEDULE, backend="reference", **kw)
-        assert_close("ddim_step", got, want)
-        assert_close("ddim_step.x0_hat", got_x0, want_x0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_ddim_step_dtypes_and_out(dtype):
-    mo, xt = _ddpm_inputs("fixed_small", None, dtype)
-    want = F.ddim_step(mo, T(700, 300), xt, SCHEDULE, prev_t=T(650, 250), eta=1.0, seed=9, backend="reference")
-    got = F.ddim_step(mo, T(700, 300), xt, SCHEDULE, prev_t=T(650, 250), eta=1.0, seed=9, out=xt,
-                      backend="triton")
-    assert got is xt
-    assert_close("ddim_step", got, want, dtype)
-
-
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
-def test_ddim_reverse_step(prediction_type):
-    for use_clipped, (clip_name, clip), guidance in itertools.product((False, True), CLIPS.items(), (None, 2.0)):
-        mo, xt = _ddpm_inputs("fixed_small", guidance)
-        kw = dict(next_t=T(520, 40), prediction_type=prediction_type, use_clipped_model_output=use_clipped,
-                  guidance_scale=guidance, return_x0=True, **clip)
-        got, got_x0 = F.ddim_reverse_step(mo, T(500, 0), xt, SCHEDULE, backend="triton", **kw)
-        want, want_x0 = F.ddim_reverse_step(mo, T(500, 0), xt, SCHEDULE, backend="reference", **kw)
-        assert_close("ddim_reverse_step", got, want)
-        assert_close("ddim_reverse_step.x0_hat", got_x0, want_x0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_ddim_reverse_step_half(dtype):
-    mo, xt = _ddpm_inputs("fixed_small", None, dtype)
-    got = F.ddim_reverse_step(mo, T(5, 6), xt, SCHEDULE, next_t=T(25, 26), backend="triton")
-    want = F.ddim_reverse_step(mo, T(5, 6), xt, SCHEDULE, next_t=T(25, 26), backend="reference")
-    assert_close("ddim_reverse_step", got, want, dtype)
-
-
-def test_ddim_grads():
-    grads = []
-    for backend in ("triton", "reference"):
-        mo, xt = _ddpm_inputs("fixed_small", None)
-        mo.requires_grad_()
-        xt.requires_grad_()
-        a = F.ddim_step(mo, T(300, 200), xt, SCHEDULE, prev_t=T(250, 150), eta=0.5, seed=2, backend=backend)
-        b = F.ddim_reverse_step(mo, T(300, 200), xt, SCHEDULE, next_t=T(350, 250), use_clipped_model_output=True,
-                                backend=backend)
-        (a * gen(*SHAPE, seed=6) + b * gen(*SHAPE, seed=7)).sum().backward()
-        grads.append((mo.grad, xt.grad))
-    assert_close("ddim_step.grad", grads[0][0], grads[1][0])
-    assert_close("ddim_step.grad", grads[0][1], grads[1][1])
-
-
-# --------------------------------------------------------------------------------------------
-# losses
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_diffusion_loss_fwd_bwd(target, snr_gamma):
-    """Forward and backward (noise regenerated from (seed, offset) in the backward kernel), scalar
-    and per-row seeds, unaligned rows of 35 elements, a row at t = 0 and one at T-1."""
-    for shape, seed in (((3, 3, 4, 5), 7), ((3, 5, 7), T(1, 2, 3))):
-        x0 = gen(*shape, seed=1).clamp(-1, 1)
-        t = T(0, 500, 999)
-        g = gen(shape[0], seed=2).abs()
-        results = []
-        for backend in ("triton", "reference"):
-            mo = gen(*shape, seed=3).requires_grad_()
-            loss = F.diffusion_loss(mo, x0, t, SCHEDULE, target=target, seed=seed, offset=4, snr_gamma=snr_gamma,
-                                    reduction="none", backend=backend)
-            (loss * g).sum().backward()
-            results.append((loss.detach(), mo.grad))
-        assert results[0][0].dtype == torch.float32
-        scale = max(1.0, float(results[1][0].abs().max()))
-        assert_close("diffusion_loss", results[0][0], results[1][0], atol=FP32_TOL * scale)
-        assert_close("diffusion_loss.grad", results[0][1], results[1][1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_diffusion_loss_half_and_noise_tensor(dtype):
-    x0 = gen(*SHAPE, seed=1, dtype=dtype)
-    noise = gen(*SHAPE, seed=4, dtype=dtype)
-    results = []
-    for backend in ("triton", "reference"):
-        mo = gen(*SHAPE, seed=3, dtype=dtype).requires_grad_()
-        loss = F.diffusion_loss(mo, x0, T(10, 900), SCHEDULE, target="v_prediction", noise=noise, snr_gamma=1.0,
-                                reduction="mean", backend=backend)
-        loss.backward()
-        results.append((loss.detach(), mo.grad))
-    assert_close("diffusion_loss", results[0][0], results[1][0])
-    assert results[0][1].dtype == dtype
-    assert_close("diffusion_loss.grad", results[0][1], results[1][1], dtype)
-
-
-def test_loss_noise_is_q_sample_noise():
-    """The loss with target epsilon regenerates exactly the noise q_sample drew with the same
-    (seed, offset): a model output equal to that noise has zero loss."""
-    x0 = gen(*SHAPE)
-    t = T(100, 200)
-    x_t = F.q_sample(x0, t, SCHEDULE, seed=42, offset=9, backend="triton")
-    a = SCHEDULE.alphas_cumprod.to(DEVICE)[t].reshape(-1, 1, 1, 1)
-    eps = (x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
-    loss = F.diffusion_loss(eps.float(), x0, t, SCHEDULE, seed=42, offset=9, reduction="none", backend="triton")
-    assert float(loss.max()) < 1e-8
-
-
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("variance_type", VARIANCES)
-def test_vlb_loss(prediction_type, variance_type):
-    """KL rows (t > 0) and the decoder NLL row (t = 0), forward and backward. The NLL uses the
-    sigmoid form of the tanh CDF (no cancellation), so the kernel is compared with the float64
-    reference: it must be at least as close to it as the fp32 reference is (plus 1e-5)."""
-    x0 = gen(*SHAPE, seed=1).clamp(-1, 1)
-    t = T(0, 400)
-    x_t = F.q_sample(x0, t, SCHEDULE, seed=5, backend="reference")
-    mo, _ = _ddpm_inputs(variance_type, None)
-    mo = (mo * 0.3).requires_grad_()
-    kw = dict(prediction_type=prediction_type, variance_type=variance_type, reduction="none")
-    got = F.vlb_loss(mo, x0, x_t, t, SCHEDULE, backend="triton", **kw)
-    got.sum().backward()
-    g_tri, mo.grad = mo.grad, None
-    want = F.vlb_loss(mo, x0, x_t, t, SCHEDULE, backend="reference", **kw)
-    want.sum().backward()
-    want64 = F.vlb_loss(mo.detach().double(), x0.double(), x_t.double(), t, SCHEDULE, backend="reference", **kw)
-    ref_err = (want.detach().double() - want64).abs()
-    scale = want64.abs().clamp(min=1.0)
-    assert bool(((got.detach().double() - want64).abs() <= ref_err + FP32_TOL * scale).all()), (got, want, want64)
-    _record("vlb_loss", torch.float32, got, want)
-    _record("vlb_loss(vs float64)", torch.float32, got, want64)
-    _record("vlb_loss(fp32 ref vs float64)", torch.float32, want, want64)
-    assert_close("vlb_loss.grad", g_tri, mo.grad, atol=1e-5 * max(1.0, float(mo.grad.abs().max())))
-
-
-def test_vlb_loss_half():
-    x0 = gen(*SHAPE, seed=1, dtype=torch.bfloat16).clamp(-1, 1)
-    t = T(0, 40)
-    x_t = F.q_sample(x0, t, SCHEDULE, seed=5, backend="reference")
-    mo, _ = _ddpm_inputs("learned_range", None, torch.bfloat16)
-    kw = dict(variance_type="learned_range", reduction="none")
-    got = F.vlb_loss(mo, x0, x_t, t, SCHEDULE, backend="triton", **kw)
-    want64 = F.vlb_loss(mo.double(), x0.double(), x_t.double(), t, SCHEDULE, backend="reference", **kw)
-    want = F.vlb_loss(mo, x0, x_t, t, SCHEDULE, backend="reference", **kw)
-    _record("vlb_loss", torch.bfloat16, got, want)
-    ref_err = (want.double() - want64).abs()
-    assert bool(((got.double() - want64).abs() <= ref_err + 1e-5 * want64.abs().clamp(min=1)).all())
-
-
-def test_hybrid_loss_through_triton():
-    x0 = gen(2, 3, 4, 5, seed=1).clamp(-1, 1)
-    results = []
-    for backend in ("triton", "reference"):
-        mo = (gen(2, 6, 4, 5, seed=2) * 0.5).requires_grad_()
-        loss = F.hybrid_loss(mo, x0, T(0, 600), SCHEDULE, seed=3, offset=1, backend=backend)
-        loss.backward()
-        results.append((loss.detach(), mo.grad))
-    assert abs(float(results[0][0]) - float(results[1][0])) <= 1e-4 * max(1.0, abs(float(results[1][0])))
-    assert_close("hybrid_loss.grad", results[0][1], results[1][1], atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,37 +312,27 @@ def flat_grid(monkeypatch):
 
 def test_flat_grid_noise_and_q_sample(flat_grid):
     for shape, per_row in (((2, 3, 4, 5), False), ((3, 5, 7), True), ((3, 5, 7), False)):
-        test_noise_matches_reference(shape, per_row, torch.float32)
+        P.test_noise_matches_reference_large_seeds_and_offsets(TRITON, shape, per_row, torch.float32)
     for kind in ("seed", "per_row_seed", "tensor"):
-        test_q_sample(torch.float32, kind)
-    test_q_sample_unaligned_rows_and_noncontiguous()
+        P.test_q_sample(TRITON, torch.float32, kind)
+    P.test_q_sample_unaligned_rows_and_noncontiguous(TRITON)
 
 
 @pytest.mark.parametrize("variance_type", VARIANCES)
 def test_flat_grid_ddpm_step(flat_grid, variance_type):
-    test_ddpm_step_variants("v_prediction", variance_type)
+    P.test_ddpm_step_variants_guidance(TRITON, "v_prediction", variance_type)
 
 
 def test_flat_grid_ddim_and_losses(flat_grid):
-    test_ddim_step_variants("epsilon", 0.6)
-    test_ddim_reverse_step("sample")
+    P.test_ddim_step_variants_guidance_final_step(TRITON, "epsilon", 0.6)
+    P.test_ddim_reverse_step_clip_guidance(TRITON, "sample")
     for target in ("epsilon", "v_prediction"):
-        test_diffusion_loss_fwd_bwd(target, 5.0)
+        P.test_diffusion_loss_fwd_bwd_row_seeds(TRITON, target, 5.0)
     for variance_type in ("learned_range", "fixed_large"):
-        test_vlb_loss("epsilon", variance_type)
+        P.test_vlb_loss_vs_float64(TRITON, "epsilon", variance_type)
 
 
-def test_toy_2d_data():
-    """(16, 2) samples (2-D toy data): rows far shorter than a block, on the flat grid by default."""
-    x0 = gen(16, 2)
-    t = torch.arange(0, 1000, 63, device=DEVICE)[:16]
+def test_toy_2d_rows_take_the_flat_grid():
+    """(16, 2) samples (2-D toy data, the parity case test_toy_2d_data) are on the flat grid by
+    default."""
     assert H.is_flat(2)
-    got = F.q_sample(x0, t, SCHEDULE, seed=T(*range(16)), offset=2, backend="triton")
-    assert_close("q_sample", got, F.q_sample(x0, t, SCHEDULE, seed=T(*range(16)), offset=2, backend="reference"))
-    kw = dict(variance_type="learned_range", seed=5, offset=1)
-    mo = gen(16, 4, seed=3)
-    got = F.ddpm_step(mo, t, x0, SCHEDULE, backend="triton", **kw)
-    assert_close("ddpm_step", got, F.ddpm_step(mo, t, x0, SCHEDULE, backend="reference", **kw))
-    lt = F.diffusion_loss(mo[:, :2], x0, t, SCHEDULE, seed=5, reduction="none", backend="triton")
-    lr = F.diffusion_loss(mo[:, :2], x0, t, SCHEDULE, seed=5, reduction="none", backend="reference")
-    assert_close("diffusion_loss", lt, lr, atol=FP32_TOL * max(1.0, float(lr.abs().max())))

@@ -21,7 +21,7 @@ struct KernelTable {
   void (*loss_backward)(const LossArgs& args, int64_t begin, int64_t end);
   // Adds the range's KL / decoder-NLL terms (nats) into row_sums[row - begin / N].
   void (*vlb)(const VlbArgs& args, int64_t begin, int64_t end, double* row_sums);
-  // §3 normals i0 .. i0 + n - 1 of (seed, offset) into out (fp32).
+  // docs/noise.md normals i0 .. i0 + n - 1 of (seed, offset) into out (fp32).
   void (*normals)(float* out, uint64_t seed, uint64_t offset, uint64_t i0, int64_t n);
 };
 

@@ -1,9 +1,10 @@
-// Per-element and per-row formulas of REFERENCE §1, shared by the CPU and CUDA kernels.
+// Per-element and per-row formulas of docs/math.md, shared by the CPU and CUDA kernels.
 // Row coefficients are computed in double from abar[t] and abar[prev_t] and rounded to the
 // compute type (float, or double for fp64 inputs) only afterwards.
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -35,16 +36,48 @@ DDPM_FN double m_tanh(double x) { return tanh(x); }
 template <typename R>
 DDPM_FN R max_keep_nan(R x, R lo) { return x < lo ? lo : x; }
 
+DDPM_FN double nan64() {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(0x7ff8000000000000LL);
+#else
+  return std::numeric_limits<double>::quiet_NaN();
+#endif
+}
+
+// ---- table lookups: never outside the table -------------------------------------------------
+// abar[t] of a timestep, NaN unless 0 <= t < T: a row whose timestep lies outside the table gets
+// NaN coefficients (a NaN row, docs/errors.md) and the table is never read out of bounds.
+DDPM_FN double abar_of(const double* abar, int64_t T, int64_t t) {
+  return t >= 0 && t < T ? abar[t] : nan64();
+}
+
+// abar at prev_t (or next_t): `past_end` when negative (1 for DDPM, final_alpha_cumprod for DDIM,
+// NaN for the inversion, whose next_t must lie in the table), NaN when >= T.
+DDPM_FN double abar_prev_of(const double* abar, int64_t T, int64_t prev, double past_end) {
+  return prev < 0 ? past_end : (prev < T ? abar[prev] : nan64());
+}
+
+// Whether a step row's (t, prev_t) pair lies in the table (else every output of the row is NaN).
+DDPM_FN bool step_row_in_table(const double* abar, int64_t T, int64_t t, int64_t prev, double past_end) {
+  const double a = abar_of(abar, T, t), p = abar_prev_of(abar, T, prev, past_end);
+  return a == a && p == p;
+}
+
 // ---- conversions between parameterisations (a = abar_t) -----------------------------------
-// epsilon: x0 = (x_t - sqrt(1-a) eps) / sqrt(a)   (a division: +-inf at a = 0, as diffusers)
+// epsilon: x0 = (x_t - sqrt(1-a) eps) / sqrt(a)   (a division: +-inf at a = 0, as diffusers).
+// 0/0 (a = 0 and x_t == sqrt(1-a) eps exactly) is its limit a -> 0+, which is 0 (the numerator
+// itself): clipping and thresholding then keep the element finite (docs/errors.md).
 template <typename R>
 DDPM_FN R x0_from_eps(R x_t, R eps, R sqrt_abar, R sqrt_one_minus_abar) {
-  return (x_t - sqrt_one_minus_abar * eps) / sqrt_abar;
+  const R num = x_t - sqrt_one_minus_abar * eps;
+  return num == R(0) ? num : num / sqrt_abar;
 }
-// sample: eps = (x_t - sqrt(a) x0) / sqrt(1-a)
+// sample: eps = (x_t - sqrt(a) x0) / sqrt(1-a); at a = 0 the signal term is 0 even for an
+// infinite x0 (0 * inf would be NaN): the limit of clipping x0 to a growing range.
 template <typename R>
 DDPM_FN R eps_from_x0(R x_t, R x0, R sqrt_abar, R sqrt_one_minus_abar) {
-  return (x_t - sqrt_abar * x0) / sqrt_one_minus_abar;
+  const R signal = sqrt_abar == R(0) ? R(0) : sqrt_abar * x0;
+  return (x_t - signal) / sqrt_one_minus_abar;
 }
 // v: x0 = sqrt(a) x_t - sqrt(1-a) v
 template <typename R>
@@ -124,6 +157,7 @@ struct DdpmRow {
 };
 
 // abar_prev = 1 when prev_t < 0. beta = 1 - abar_t / abar_prev (respaced), beta_tilde its posterior var.
+// NaN abar_t or abar_prev (a timestep outside the table) gives NaN coefficients.
 DDPM_FN DdpmRow ddpm_row(double abar_t, double abar_prev, Variance variance, bool t_positive) {
   DdpmRow r;
   const double beta = 1.0 - abar_t / abar_prev;
@@ -161,8 +195,12 @@ DDPM_FN DdimRow ddim_row(double abar_t, double abar_prev, double eta) {
   r.sqrt_abar = sqrt(abar_t);
   r.sqrt_one_minus_abar = sqrt(1.0 - abar_t);
   r.sqrt_abar_prev = sqrt(abar_prev);
-  // (eta = 0 exactly for the inversion, where abar_prev > abar_t makes the square root NaN)
-  r.sigma = eta > 0.0 ? eta * sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * sqrt(1.0 - abar_t / abar_prev) : 0.0;
+  // The noise term exists only towards a less noisy state (abar_prev > abar_t): otherwise (the
+  // inversion, or a final step with final_alpha_cumprod <= abar_t, 0 included) sigma = 0 and the
+  // step is the deterministic DDIM map (sigma^2 would be negative: docs/errors.md).
+  r.sigma = eta > 0.0 && abar_prev > abar_t
+                ? eta * sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * sqrt(1.0 - abar_t / abar_prev)
+                : 0.0;
   const double d = 1.0 - abar_prev - r.sigma * r.sigma;
   r.direction = sqrt(d > 0.0 ? d : 0.0);
   return r;
@@ -174,6 +212,7 @@ struct LossRow {
 };
 
 // min(snr, g)/snr (epsilon; 1 at snr = 0), min(snr, g)/(snr + 1) (v), min(snr, g) (x0); snr = a/(1-a).
+// A NaN abar_t (t outside the table) gives a NaN weight: the row's loss and gradient are NaN.
 DDPM_FN LossRow loss_row(double abar_t, Prediction target, bool min_snr, double snr_gamma) {
   LossRow r;
   r.sqrt_abar = sqrt(abar_t);
@@ -190,6 +229,7 @@ DDPM_FN LossRow loss_row(double abar_t, Prediction target, bool min_snr, double 
       r.weight = clipped;
     }
   }
+  if (abar_t != abar_t) r.weight = nan64();
   return r;
 }
 
@@ -202,9 +242,17 @@ struct VlbRow {
   bool decoder;             // t == 0: the discretized decoder NLL instead of the KL
 };
 
-// abar(k) of the table with 1 past the start; `T` the table length.
+// abar(k) of the table with 1 past the start; `T` the table length. A t outside the table gives
+// a row of NaN (the table is not read).
 DDPM_FN VlbRow vlb_row(const double* abar, int64_t T, int64_t t, Variance variance) {
   VlbRow r;
+  if (t < 0 || t >= T) {
+    const double nan = nan64();
+    r.sqrt_abar = r.sqrt_one_minus_abar = r.coef_x0 = r.coef_xt = nan;
+    r.true_logvar = r.log_beta = r.fixed_logvar = nan;
+    r.decoder = false;
+    return r;
+  }
   const double a_t = abar[t];
   const double a_prev = t > 0 ? abar[t - 1] : 1.0;
   const double beta = 1.0 - a_t / a_prev;

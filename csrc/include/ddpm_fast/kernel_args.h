@@ -8,7 +8,7 @@
 
 namespace ddpm_fast {
 
-// Where the noise of a sample comes from: an explicit tensor of the sample's shape, or §3 noise of
+// Where the noise of a sample comes from: an explicit tensor of the sample's shape, or docs/noise.md noise of
 // (seed, offset). `seed` holds 1 value, or B (one per row: the index restarts at 0 in every row).
 // Seed and offset are read through pointers (device memory for CUDA kernels) so that a captured
 // CUDA graph draws fresh noise when the offset tensor changes.
@@ -20,7 +20,7 @@ struct NoiseArgs {
   const int64_t* offset = nullptr;
 };
 
-// gaussian_noise: out (B x N, dtype) = the §3 normals.
+// gaussian_noise: out (B x N, dtype) = the docs/noise.md normals.
 struct NoiseFillArgs {
   void* out = nullptr;
   DType dtype = DType::kFloat32;

@@ -1,4 +1,4 @@
-// The noise contract of REFERENCE §3: Philox4x32-10 (Random123 constants) keyed by the seed, a
+// The noise contract of docs/noise.md: Philox4x32-10 (Random123 constants) keyed by the seed, a
 // counter (q mod 2^32, q >> 32, offset mod 2^32, offset >> 32) with q = i / 4, the uniforms
 // u(r) = ((r >> 9) + 0.5) * 2^-23 and Box-Muller in fp32 with accurate logf/sinf/cosf.
 // Element i of a sample takes normal number i % 4 of block q.
