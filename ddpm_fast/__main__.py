@@ -11,7 +11,8 @@ from typing import List, Optional
 USAGE = """usage: python -m ddpm_fast COMMAND [options]
 
 commands:
-  demo      train a small model on a 2-D toy mixture and sample it (the main job; --help for options)
+  demo      train a small model on a 2-D toy mixture and sample it (the main job; --help for options);
+            demo --digits: a small image DDPM on scikit-learn's digits with a quality figure
   info      version, torch, devices, backends and why each is (un)available
   bench     time every op against the reference, torch.compile and diffusers (--help for options)
   profile   run ops under torch.profiler and write a Chrome trace (--help for options)

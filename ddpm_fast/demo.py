@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from typing import List, Optional
 
@@ -118,7 +119,14 @@ def _plot(path, data, samples, snapshots, losses, result, args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpm_fast demo", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--digits" in argv:  # the real-data example (ddpm_fast/digits.py); its own options follow
+        from . import digits
+
+        return digits.main([a for a in argv if a != "--digits"])
+    parser = argparse.ArgumentParser(prog="python -m ddpm_fast demo", description=__doc__.split("\n\n")[0],
+                                     epilog="--digits runs the real-data example instead (python -m ddpm_fast demo "
+                                            "--digits --help for its options)")
     parser.add_argument("--out", default="demo_out", help="output folder for demo.png and demo.json")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--iterations", type=int, default=3000, help="training iterations (default 3000)")
