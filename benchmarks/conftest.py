@@ -1,6 +1,6 @@
 """pytest-benchmark suite: ``pytest benchmarks --benchmark-only`` (not part of the default ``pytest tests``).
 
-The providers, inputs and traffic table are those of ``ddpm_fast.bench`` (``python -m ddpm_fast
+The providers, inputs and traffic table are those of ``ddpm_fast.tools.bench`` (``python -m ddpm_fast
 bench``), imported, not repeated. Options: ``--bench-device cpu|cuda`` (default: cuda when
 available), ``--bench-dtype fp32 bf16``, ``--bench-large`` (add the >= 16M-element shape; on by
 default on CUDA). Each benchmark's ``extra_info`` carries the op's minimal bytes and the achieved
@@ -26,7 +26,7 @@ def _device(config):
 
 
 def _shapes(config, device):
-    from ddpm_fast.bench import CUDA_LARGE_SHAPE, DEFAULT_SHAPES
+    from ddpm_fast.tools.bench import CUDA_LARGE_SHAPE, DEFAULT_SHAPES
     large = config.getoption("--bench-large")
     if large is None:
         large = device.type == "cuda"
@@ -34,7 +34,7 @@ def _shapes(config, device):
 
 
 def pytest_generate_tests(metafunc):
-    from ddpm_fast.bench import DTYPES, SPECS, shape_str, shapes_for
+    from ddpm_fast.tools.bench import DTYPES, SPECS, shape_str, shapes_for
     config = metafunc.config
     device = _device(config)
     if "bench_dtype" in metafunc.fixturenames:

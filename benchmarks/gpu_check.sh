@@ -15,4 +15,4 @@ export PYTHONUNBUFFERED=1
 # the working tree's ddpm_fast (its extension is built in place), whatever is installed
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
-exec "$PY" -m ddpm_fast.gpucheck "$@"
+exec "$PY" -m ddpm_fast gpucheck "$@"

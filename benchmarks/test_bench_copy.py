@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm_fast.bench import dtype_name, op_bytes, shape_str
+from ddpm_fast.tools.bench import dtype_name, op_bytes, shape_str
 
 
 def _copy(benchmark, shape, dtype, device):

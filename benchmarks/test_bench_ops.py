@@ -1,4 +1,4 @@
-"""Every op x provider x shape x dtype of ``ddpm_fast.bench`` under pytest-benchmark (each op at
+"""Every op x provider x shape x dtype of ``ddpm_fast.tools.bench`` under pytest-benchmark (each op at
 its own shapes: training_loss at the demo's 2-D batch, the others at the bench's shapes).
 
     pytest benchmarks --benchmark-only --benchmark-group-by=group
@@ -8,7 +8,7 @@ with its reason.
 """
 import pytest
 
-from ddpm_fast.bench import ProviderSkip, dtype_name, make_runner, op_bytes, shape_str
+from ddpm_fast.tools.bench import ProviderSkip, dtype_name, make_runner, op_bytes, shape_str
 
 
 def test_op(benchmark, bench_case, bench_dtype, bench_device):

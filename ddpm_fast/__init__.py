@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 from .schedule import NoiseSchedule, space_timesteps, inference_timesteps, rescale_zero_terminal_snr  # noqa: E402
-from .backends import backends, BackendUnavailable  # noqa: E402
+from . import backends  # noqa: E402  (callable: ddpm_fast.backends() is the availability report)
+from .backends import BackendUnavailable  # noqa: E402
 from .ops import (  # noqa: E402
     gaussian_noise, q_sample, ddpm_step, ddim_step, ddim_reverse_step, diffusion_loss, vlb_loss, hybrid_loss,
     set_debug_checks,

@@ -20,8 +20,8 @@ commands:
   gpucheck  on a GPU machine: build, GPU test lanes, sanitizers, bench, ncu into one folder (docs/gpu.md)
 """
 
-_SUBCOMMANDS = {"demo": "ddpm_fast.demo", "bench": "ddpm_fast.bench", "profile": "ddpm_fast.profile",
-                "sample": "ddpm_fast.distributed", "gpucheck": "ddpm_fast.gpucheck"}
+_SUBCOMMANDS = {"demo": "ddpm_fast.tools.demo", "bench": "ddpm_fast.tools.bench", "profile": "ddpm_fast.tools.profile",
+                "sample": "ddpm_fast.distributed", "gpucheck": "ddpm_fast.tools.gpucheck"}
 
 
 def info(argv: Optional[List[str]] = None) -> int:
@@ -44,7 +44,7 @@ def info(argv: Optional[List[str]] = None) -> int:
         "backends": ddpm_fast.backends(),
     }
     try:
-        native = importlib.import_module("ddpm_fast._native_backend")
+        native = importlib.import_module("ddpm_fast.backends.native")
         build_info = getattr(native, "build_info", None)
         report["native_build"] = build_info() if build_info is not None else None
     except Exception as e:  # the reason is already in backends()

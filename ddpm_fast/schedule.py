@@ -201,7 +201,7 @@ class NoiseSchedule:
         key = f"schedule@{device}"
         cached = self._device_cache.get(key)
         if cached is None:
-            from .ops import _check_device  # a ValueError naming `device` where torch cannot use it
+            from ._tensors import _check_device  # a ValueError naming `device` where torch cannot use it
             _check_device("device", device)
             cached = object.__new__(NoiseSchedule)
             for k, v in self.__dict__.items():

@@ -1,4 +1,4 @@
-"""DDP training of the demo's toy model (ddpm_fast/demo.py), the same run on any number of ranks.
+"""DDP training of the demo's toy model (ddpm_fast/tools/demo.py), the same run on any number of ranks.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_toy.py --iterations 300
     python examples/ddp_toy.py --iterations 300          # one process: the same run
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ddpm_fast as F  # noqa: E402
 from ddpm_fast import distributed as D  # noqa: E402
-from ddpm_fast.demo import ToyMLP, draw_data, evaluate  # noqa: E402
+from ddpm_fast.tools.demo import ToyMLP, draw_data, evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -5,16 +5,16 @@
     torchrun --nproc_per_node 2 examples/digits.py
     python -m ddpm_fast demo --digits         # the same, from an installed package
 
-The code lives in ddpm_fast/digits.py (shipped with the package); see docs/examples.md.
+The code lives in ddpm_fast/tools/digits.py (shipped with the package); see docs/examples.md.
 """
 import os
 import sys
 
 try:
-    from ddpm_fast.digits import main
+    from ddpm_fast.tools.digits import main
 except ImportError:  # run from a source checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from ddpm_fast.digits import main
+    from ddpm_fast.tools.digits import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from ddpm_fast import bench
+from ddpm_fast.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --no-pin-malloc: the test process's allocator stays as it was

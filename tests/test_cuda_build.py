@@ -49,7 +49,7 @@ def test_lane_cuda_torch_builds_cpu_and_cuda_parts_for_sm90(tmp_path):
         assert glob.glob(os.path.join(tree, "ddpm_fast", "_C_cuda*.so")), "the CUDA library is installed"
         check = lane.python(
             "load check",
-            "import json, torch, ddpm_fast; from ddpm_fast import _native_backend as n\n"
+            "import json, torch, ddpm_fast; from ddpm_fast.backends import native as n\n"
             "info = n.build_info(); b = ddpm_fast.backends()['native']\n"
             "has = {op: torch._C._dispatch_has_kernel_for_dispatch_key('ddpm_fast::' + op, 'CUDA')\n"
             "       for op in ('q_sample', 'ddpm_step', 'ddim_step', 'diffusion_loss', 'gaussian_noise', 'vlb_loss')}\n"

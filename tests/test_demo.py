@@ -1,4 +1,4 @@
-"""The demo (ddpm_fast/demo.py): a short run writes its PNG and JSON; the evaluation is right."""
+"""The demo (ddpm_fast/tools/demo.py): a short run writes its PNG and JSON; the evaluation is right."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddpm_fast import demo
+from ddpm_fast.tools import demo
 
 
 def test_quick_demo_writes_png_and_json(tmp_path, capsys):

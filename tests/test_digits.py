@@ -1,4 +1,4 @@
-"""The real-data example (ddpm_fast/digits.py): the --quick run trains (the loss falls) and its
+"""The real-data example (ddpm_fast/tools/digits.py): the --quick run trains (the loss falls) and its
 samples pass the quick quality check; the scorer separates real digits from noise; the entry points."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ except ImportError:
     pytest.skip("scikit-learn is not installed: the digits example needs sklearn.datasets.load_digits",
                 allow_module_level=True)
 
-from ddpm_fast import digits
+from ddpm_fast.tools import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +131,7 @@ def test_quick_run_trains_and_passes_the_quick_check(tmp_path, capsys):
 
 
 def test_entry_points_and_bad_arguments(capsys):
-    from ddpm_fast import demo
+    from ddpm_fast.tools import demo
 
     with pytest.raises(SystemExit) as e:
         demo.main(["--digits", "--help"])

@@ -74,7 +74,7 @@ class TinyConvNet(torch.nn.Module):
 
 
 def _mlp():
-    from ddpm_fast.demo import ToyMLP
+    from ddpm_fast.tools.demo import ToyMLP
 
     torch.manual_seed(3)
     return ToyMLP(T_TRAIN, width=16)
@@ -304,7 +304,7 @@ def gloo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gloo")
     t0 = time.perf_counter()
     how = _launch("checks", 3, workdir, timeout=240,
-                  preload=("torch._dynamo", "torch.nn.parallel", "ddpm_fast.demo", "ddpm_fast.sampling"))
+                  preload=("torch._dynamo", "torch.nn.parallel", "ddpm_fast.tools.demo", "ddpm_fast.sampling"))
     print(f"\ngloo job (3 ranks, {how}; groups of 1, 2, 3 ranks): {time.perf_counter() - t0:.1f} s")
     return torch.load(workdir / "results.pt", weights_only=False)
 

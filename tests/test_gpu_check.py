@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh (ddpm_fast/gpucheck.py): its plumbing, and the GPU lane it runs.
+"""benchmarks/gpu_check.sh (ddpm_fast/tools/gpucheck.py): its plumbing, and the GPU lane it runs.
 
 Part 1, the plumbing (runs everywhere, CI included): the dry mode's output layout and reasons, the
 usage errors, and the pure functions that read what the tools print (junit XML, compute-sanitizer,
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import ddpm_fast as F
-from ddpm_fast import gpucheck as G
+from ddpm_fast.tools import gpucheck as G
 from ddpm_fast.noise import gaussian_noise_reference, normals_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import _build, _native_backend
+from ddpm_fast import _build
+from ddpm_fast.backends import native as _native_backend
 
 from _install_helpers import ROOT, SKIP_LANES, Lane, copy_tree
 
@@ -247,7 +248,7 @@ def test_lane_readme_command_1_fresh_venv(lane):
     proc = lane.run("README command 1", readme_command_1(), cwd=lane.tree, shell=True, timeout=2400)
     assert "building the native CPU kernels" in proc.stdout, "the first use builds (one printed notice)"
     assert os.path.exists(os.path.join(lane.tree, "demo_out", "demo.json")), proc.stdout[-3000:]
-    check = lane.python("native check", "import ddpm_fast, json; from ddpm_fast import _native_backend as n; "
+    check = lane.python("native check", "import ddpm_fast, json; from ddpm_fast.backends import native as n; "
                         "print(json.dumps([ddpm_fast.backends()['native'], n.build_info().get('origin')]))",
                         cwd=lane.tree)
     native, origin = json.loads(check.stdout.strip().splitlines()[-1])
@@ -266,7 +267,7 @@ def test_lane_command_2_install_does_not_recompile(lane):
     proc = lane.run("command 2 install step", [lane.py, "-m", "pip", "install", "-v", "--no-build-isolation", "-e", "."],
                     cwd=lane.tree)
     assert _build_logs(lane.cache) == before, "command 2's install recompiled:\n" + proc.stdout[-4000:]
-    check = lane.python("native check 2", "import ddpm_fast; from ddpm_fast import _native_backend as n; "
+    check = lane.python("native check 2", "import ddpm_fast; from ddpm_fast.backends import native as n; "
                         "print(ddpm_fast.backends()['native']['available']['cpu'], n.build_info()['origin']['cpu'])",
                         cwd=lane.tree)
     assert check.stdout.split()[-2:] == ["True", "installed"], check.stdout
@@ -296,7 +297,7 @@ def test_lane_sdist_and_wheel_build_install_and_smoke(lane):
     before = _build_logs(lane.cache)
     lane.run("uninstall editable", [lane.py, "-m", "pip", "uninstall", "-y", "ddpm_fast"])
     lane.run("install wheel", [lane.py, "-m", "pip", "install", "--no-deps", wheels[0]])
-    smoke = ("import ddpm_fast, torch, json; from ddpm_fast import _native_backend as n\n"
+    smoke = ("import ddpm_fast, torch, json; from ddpm_fast.backends import native as n\n"
              "s = ddpm_fast.NoiseSchedule.from_name('linear', 100); x0 = torch.randn(4, 3, 5)\n"
              "a = ddpm_fast.q_sample(x0, torch.tensor([0, 10, 50, 99]), s, seed=3, backend='native')\n"
              "b = ddpm_fast.q_sample(x0, torch.tensor([0, 10, 50, 99]), s, seed=3, backend='reference')\n"

@@ -84,7 +84,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_build_info_and_dispatch():
-    from ddpm_fast import _native_backend
+    from ddpm_fast.backends import native as _native_backend
 
     info = _native_backend.build_info()
     assert info["torch_version"] == torch.__version__
@@ -111,7 +111,8 @@ def test_cuda_parity_q_sample_and_step():
 
 _ISA_SCRIPT = r"""
 import torch, ddpm_fast
-from ddpm_fast import NoiseSchedule, _native_backend
+from ddpm_fast import NoiseSchedule
+from ddpm_fast.backends import native as _native_backend
 print(_native_backend.build_info()["cpu_isa_selected"])
 S = NoiseSchedule.from_name("linear", 1000)
 g = torch.Generator().manual_seed(0)

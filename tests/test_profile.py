@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from ddpm_fast import nvtx, profile
+from ddpm_fast import nvtx
+from ddpm_fast.tools import profile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -80,7 +80,7 @@ abar = S.table("cpu")
 T = 10
 ddpm_fast.backends()
 ops = torch.ops.ddpm_fast
-from ddpm_fast import _reference_backend as ops_ref
+from ddpm_fast.backends import reference as ops_ref
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 3, 4, generator=g)
 mo = torch.randn(2, 3, 4, generator=g)
@@ -141,7 +141,7 @@ def calls(t, prev, nxt):
 
 def grad_q(t):
     x0 = x.clone().requires_grad_(True)
-    ddpm_fast._native_backend.q_sample(x0, t, abar, None, seed, off).sum().backward()
+    ddpm_fast.backends.native.q_sample(x0, t, abar, None, seed, off).sum().backward()
     return (x0.grad,)
 
 def row(v, i):
@@ -227,7 +227,7 @@ def test_reference_backend_gives_nan_rows_outside_the_table():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradients_of_a_nan_row_are_nan_and_the_rest_exact(backend):
     import importlib
-    impl = importlib.import_module("ddpm_fast._native_backend" if backend == "native" else "ddpm_fast._reference_backend")
+    impl = importlib.import_module("ddpm_fast.backends.native" if backend == "native" else "ddpm_fast.backends.reference")
     abar = SCHED.table("cpu")
     x0 = _x(2, 3, 4).requires_grad_(True)
     mo = _x(2, 3, 4, seed=1).requires_grad_(True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast._op_glue import STEPS
+from ddpm_fast.backends._op_glue import STEPS
 from ddpm_fast.step_options import StepOptions
 
 

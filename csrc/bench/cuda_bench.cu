@@ -2,7 +2,7 @@
 // csrc/include/ddpm_fast/cuda_kernels.h): no torch, no Python, so that `ncu` / `nsys` can be
 // pointed at one kernel alone. Prints, per kernel and dtype, the time per launch (CUDA events,
 // median of repeats), the achieved bandwidth of the op's minimal traffic (the table of
-// ddpm_fast/bench.py: q_sample reads x0 and writes x_t, a step reads model_output and x_t and
+// ddpm_fast/tools/bench.py: q_sample reads x0 and writes x_t, a step reads model_output and x_t and
 // writes x_prev, ...) and its share of the copy bandwidth measured in the same run by a
 // 128-bit-vector copy kernel (and cudaMemcpyAsync device to device, for comparison).
 //

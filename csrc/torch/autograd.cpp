@@ -9,7 +9,7 @@
 //                    d x0, d target / d x0 = 1 (sample), -sqrt(1 - abar_t) (v), 0 (epsilon).
 // A row whose t lies outside the table gets a NaN gradient, as its forward value.
 // Registered for the Autograd key of every device; the forward redispatches below autograd to
-// the CPU/CUDA (or fake) kernel. The other ops' autograd is in ddpm_fast/_native_ops.py.
+// the CPU/CUDA (or fake) kernel. The other ops' autograd is in ddpm_fast/backends/native/_registration.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ddpm_fast.triton import (ddim_step_op, ddpm_step_op, loss_op, noise_op, q_sample_op,  # noqa: E402
+from ddpm_fast.backends.triton import (ddim_step_op, ddpm_step_op, loss_op, noise_op, q_sample_op,  # noqa: E402
                               vlb_op)
 
 I64_PTRS = {"t_ptr", "prev_ptr", "seed_ptr", "offset_ptr"}

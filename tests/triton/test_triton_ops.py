@@ -36,12 +36,12 @@ except Exception as e:  # pragma: no cover
 import ddpm_fast as F  # noqa: E402
 import parity_cases as P  # noqa: E402
 from ddpm_fast.noise import normals_at as normals_at_reference  # noqa: E402
-from ddpm_fast.triton import _helpers as H  # noqa: E402
+from ddpm_fast.backends.triton import _helpers as H  # noqa: E402
 from parity_cases import SCHED as SCHEDULE, SHAPE, VARIANCES, Lane, seeded_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if (CUDA and not INTERPRET) else "cpu")
 TRITON = Lane("triton", DEVICE, large=not INTERPRET)
-importlib.import_module("ddpm_fast.triton")._load()  # registers torch.ops.ddpm_fast_triton (used directly below)
+importlib.import_module("ddpm_fast.backends.triton")._load()  # registers torch.ops.ddpm_fast_triton (used directly below)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 gen, T = TRITON.gen, TRITON.T
 
@@ -286,11 +286,11 @@ def test_device_timestep_out_of_range_poisons_its_row():
 
 
 def test_import_without_triton_reports_unavailable():
-    """``import ddpm_fast.triton`` works where Triton is missing, and the backend reports why."""
+    """``import ddpm_fast.backends.triton`` works where Triton is missing, and the backend reports why."""
     import subprocess
     import sys
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import ddpm_fast, ddpm_fast.triton as T\n"
+            "import ddpm_fast, ddpm_fast.backends.triton as T\n"
             "av = T.availability(); assert av['cpu'][0] is False and av['cuda'][0] is False, av\n"
             "assert 'triton is not importable' in av['cuda'][1], av\n"
             "info = ddpm_fast.backends()['triton']; assert not any(info['available'].values()), info\n"

@@ -79,8 +79,8 @@ def _report(request):
 
 
 def ops():
-    import ddpm_fast.triton
-    ddpm_fast.triton._load()
+    import ddpm_fast.backends.triton
+    ddpm_fast.backends.triton._load()
     return torch.ops.ddpm_fast_triton
 
 

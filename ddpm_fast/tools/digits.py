@@ -244,7 +244,7 @@ class _World:
     def __init__(self, device_arg: str):
         import torch.distributed as dist
 
-        from . import distributed
+        from .. import distributed
 
         self.dist = dist
         self.owns_group = False

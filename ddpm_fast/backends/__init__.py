@@ -1,4 +1,8 @@
-"""Backend registry: which implementations exist, which are available, and how one is chosen.
+"""The backends (``reference``, ``native``, ``triton``: one subpackage or module each) and their
+registry: which implementations exist, which are available, and how one is chosen.
+
+``ddpm_fast.backends`` is both this package and the public function :func:`backends` (the package
+is callable: ``ddpm_fast.backends()`` returns the availability report).
 
 A backend is a module exposing ``NAME``, ``availability() -> {device_type: (bool, reason)}``,
 ``supports_dtype(device_type, dtype) -> bool`` and one function per op with the normalised
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -23,9 +29,9 @@ __all__ = ["BACKEND_NAMES", "backends", "resolve_backend", "BackendUnavailable"]
 
 BACKEND_NAMES = ("reference", "native", "triton")
 _MODULES = {
-    "reference": "ddpm_fast._reference_backend",
-    "native": "ddpm_fast._native_backend",
-    "triton": "ddpm_fast.triton",
+    "reference": "ddpm_fast.backends.reference",
+    "native": "ddpm_fast.backends.native",
+    "triton": "ddpm_fast.backends.triton",
 }
 # Preference order of backend=None, per device type (docs/api.md).
 _PREFERENCE = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
@@ -160,3 +166,14 @@ def _resolve(backend: Optional[str], env: Optional[str], device: torch.device, d
         if ok and mod.supports_dtype(dev, dtype):
             return mod
     return _load("reference")
+
+
+class _CallablePackage(types.ModuleType):
+    """``ddpm_fast.backends()`` is the public availability report, and ``ddpm_fast.backends`` is
+    also the package holding the backends: calling the package calls :func:`backends`."""
+
+    def __call__(self) -> Dict[str, dict]:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -4,7 +4,7 @@ Two libraries: ``ddpm_fast._C`` (the op schemas, the CPU kernels, autograd) and 
 CUDA kernels, for the CUDA dispatch key; a failure there leaves the CPU part working). Each comes
 from the package when setup.py built it for this torch and these sources, else from a build at first
 use (:mod:`ddpm_fast._build`; ``DDPM_FAST_NO_JIT=1`` refuses it). The ops are registered with torch as ``torch.ops.ddpm_fast.<op>`` (schemas in
-``csrc/torch_bindings.cpp``; fake tensors and autograd in :mod:`ddpm_fast._native_ops`). This module
+``csrc/torch_bindings.cpp``; fake tensors and autograd in :mod:`ddpm_fast.backends.native._registration`). This module
 adapts them to the backend interface of :mod:`ddpm_fast.ops`. It always imports: when the extension
 is missing, failed to build or was built against another torch, :func:`availability` says why.
 
@@ -21,12 +21,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _build
-from ._op_glue import run_step
+from ... import _build
+from .._op_glue import run_step
 
 NAME = "native"
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = _build.PKG_DIR  # the package's top folder, where the install puts _C*.so
 _state: Dict[str, object] = {"loaded": None, "reason": "", "info": {}, "origin": {}, "cuda": False,
                              "cuda_reason": ""}
 _GET_IT = ("`python -m ddpm_fast._build` builds it now (or reinstall with torch present: "
@@ -71,13 +71,13 @@ def _installed(record: dict, part: str, sha: Optional[str]) -> Tuple[Optional[st
 
 def _import_cpu(path: str, installed: bool):
     if installed:
-        from . import _C
+        from ... import _C
     else:  # a build folder's _C.so, imported under the package's name
         spec = importlib.util.spec_from_file_location("ddpm_fast._C", path)
         _C = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(_C)
         sys.modules["ddpm_fast._C"] = _C
-    from . import _native_ops  # noqa: F401  (fake tensors and autograd)
+    from . import _registration  # noqa: F401  (fake tensors and autograd)
     return _C
 
 
@@ -230,7 +230,7 @@ except ImportError:  # pragma: no cover
 
 def _call(op, args, *inputs):
     """``op(*args)``. The steps and ``vlb_loss`` have Python autograd formulas
-    (:mod:`ddpm_fast._native_ops`), and torch.library's Python autograd layer runs on every call,
+    (:mod:`ddpm_fast.backends.native._registration`), and torch.library's Python autograd layer runs on every call,
     even where no graph can be recorded, where it only redispatches (about as long as the kernel
     of a small step). Where no graph can be recorded (grad mode off, or no differentiable input
     requiring grad; no forward-AD level, no functorch transform, not while Dynamo traces) the op

@@ -7,7 +7,7 @@ Gradients:
   noise from ``(seed, offset)``; no noise tensor is stored between forward and backward.
   Both are registered in C++ (``csrc/torch/autograd.cpp``): a Python formula costs ~100 us a call.
 * the steps (in ``model_output`` and ``x_t``) and ``vlb_loss`` (in ``model_output``, ``x0``, ``x_t``): the vector-
-  Jacobian product of the reference, registered with the steps' fakes by :mod:`ddpm_fast._op_glue`
+  Jacobian product of the reference, registered with the steps' fakes by :mod:`ddpm_fast.backends._op_glue`
   (the same glue serves the Triton ops). Exact up to the usual fp32 difference between the two
   implementations (the tests compare with autograd of the reference).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as R
-from ._op_glue import register_step_glue, register_vlb_glue
+from ... import reference as R
+from .._op_glue import register_step_glue, register_vlb_glue
 
 _LIB = "ddpm_fast"
 

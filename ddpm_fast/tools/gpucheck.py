@@ -54,7 +54,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))  # ddpm_fast/tools/
 
 STEPS = ("env", "wheels", "build", "lane-cuda", "lane-triton", "bench", "sampling", "memcheck", "racecheck", "ncu")
 CORRECTNESS = ("build", "lane-cuda", "lane-triton", "memcheck", "racecheck")
@@ -146,7 +146,7 @@ def _module_available(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# the pytest plugin: selects the GPU tests (loaded with -p ddpm_fast.gpucheck --gpucheck-select)
+# the pytest plugin: selects the GPU tests (loaded with -p ddpm_fast.tools.gpucheck --gpucheck-select)
 # --------------------------------------------------------------------------------------------
 def pytest_addoption(parser):
     parser.addoption("--gpucheck-select", action="store_true", default=False,
@@ -733,7 +733,7 @@ class Check:
         code = ("import json, ddpm_fast\n"
                 "b = ddpm_fast.backends()\n"
                 "try:\n"
-                "    from ddpm_fast import _native_backend as n\n"
+                "    from ddpm_fast.backends import native as n\n"
                 "    info = n.build_info() if hasattr(n, 'build_info') else None\n"
                 "except Exception as e:\n"
                 "    info = repr(e)\n"
@@ -789,16 +789,16 @@ class Check:
 
     def lane_plans(self) -> Dict[str, List[str]]:
         cores = _cores()
-        cuda = [self.py, "-m", "pytest", *gpu_test_files(), "-p", "ddpm_fast.gpucheck",
+        cuda = [self.py, "-m", "pytest", *gpu_test_files(), "-p", "ddpm_fast.tools.gpucheck",
                 "--gpucheck-select"] + self.pytest_common(os.path.join(self.work, "lane-cuda.xml"),
                                                           max(1, min(4, cores // 4)))
-        triton = [self.py, "-m", "pytest", "tests/triton", "-k", "not compile_for_sm90", "-p", "ddpm_fast.gpucheck"] + \
+        triton = [self.py, "-m", "pytest", "tests/triton", "-k", "not compile_for_sm90", "-p", "ddpm_fast.tools.gpucheck"] + \
             self.pytest_common(os.path.join(self.work, "lane-triton.xml"), max(1, min(8, cores // 2)))
         return {"lane-cuda": cuda, "lane-triton": triton}
 
     def collect_gpu_tests(self) -> dict:
         """Dry mode: the GPU lane's selection, collected (not run) on this machine."""
-        cmd = [self.py, "-m", "pytest", *gpu_test_files(), "-p", "ddpm_fast.gpucheck",
+        cmd = [self.py, "-m", "pytest", *gpu_test_files(), "-p", "ddpm_fast.tools.gpucheck",
                "--gpucheck-select", "--collect-only", "-q", "-p", "no:cacheprovider"]
         log = self.logfile("lane-cuda-collect.log")
         p = Proc(cmd, log, self.env)
@@ -979,7 +979,7 @@ class Check:
 
     # ---- subsets run in child processes (sampling, sanitizers, ncu) ---------------------------
     def subset_cmd(self, kind: str) -> List[str]:
-        return [self.py, "-m", "ddpm_fast.gpucheck", "--subset", kind, "--out", self.work]
+        return [self.py, "-m", "ddpm_fast.tools.gpucheck", "--subset", kind, "--out", self.work]
 
     def step_sampling(self) -> None:
         cmd = self.subset_cmd("sampling")

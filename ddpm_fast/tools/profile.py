@@ -5,7 +5,7 @@ loop over :func:`ddpm_fast.ops.ddpm_step` with a stand-in model) this
 
 1. measures the copy bandwidth of this device (``dst.copy_(src)``), in the same run;
 2. times the op without the profiler (median of repeats) and reports the bytes of its minimal
-   traffic (``ddpm_fast.bench.TRAFFIC``), the achieved GB/s and the % of the copy bandwidth;
+   traffic (``ddpm_fast.tools.bench.TRAFFIC``), the achieved GB/s and the % of the copy bandwidth;
 3. runs it ``--iters`` times under ``torch.profiler`` with the NVTX / ``record_function`` ranges
    of :mod:`ddpm_fast.nvtx` switched on, writes a Chrome trace (open it in ``chrome://tracing`` or
    https://ui.perfetto.dev) and prints the top kernels (CUDA) or top operators (CPU) with their
@@ -27,8 +27,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from . import bench
-from .nvtx import nvtx_range, profiling
-from .nvtx import range_names as nvtx_range_names
+from ..nvtx import nvtx_range, profiling
+from ..nvtx import range_names as nvtx_range_names
 
 __all__ = ["PROFILE_OPS", "profile_op", "main"]
 
@@ -37,7 +37,7 @@ _DEFAULT_OPS = ("q_sample", "ddpm_step", "train")
 
 
 def _default_provider(device: torch.device, dtype: torch.dtype) -> str:
-    from .backends import resolve_backend
+    from ..backends import resolve_backend
     name = resolve_backend(None, device, dtype).NAME
     if name == "triton" and device.type == "cpu":
         return "reference"
@@ -47,8 +47,8 @@ def _default_provider(device: torch.device, dtype: torch.dtype) -> str:
 def _sampling_loop(provider: str, shape, dtype, device, steps: int) -> Callable[[], torch.Tensor]:
     """A short DDPM loop (``steps`` of 1000, leading spacing) over the public ddpm_step with a
     stand-in model (one elementwise op), each step in an ``step t=...`` range."""
-    from . import ops
-    from .schedule import NoiseSchedule, inference_timesteps
+    from .. import ops
+    from ..schedule import NoiseSchedule, inference_timesteps
 
     if provider not in ("native", "triton", "reference"):
         raise bench.ProviderSkip(f"the sampling loop runs the library's ops: provider must be a backend, "

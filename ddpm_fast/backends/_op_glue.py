@@ -26,8 +26,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference as R
-from .step_options import StepOptions
+from .. import reference as R
+from ..step_options import StepOptions
 
 __all__ = ["STEPS", "register_step_glue", "register_vlb_glue", "run_step", "needs_graph"]
 

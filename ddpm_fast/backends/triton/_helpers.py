@@ -150,7 +150,7 @@ def check_out(out, **inputs):
     Skipped while tracing (fake tensors have no memory; aliasing is then the compiler's)."""
     from torch._subclasses.fake_tensor import is_fake
 
-    from ..ops import _has_internal_overlap, _same_view, _shares_memory
+    from ..._tensors import _has_internal_overlap, _same_view, _shares_memory
 
     if torch.compiler.is_compiling() or is_fake(out):
         return
@@ -469,7 +469,7 @@ def noise_flags(noise, seed, B: int, N: int):
 def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile of a (B, n) tensor: the reference's (a sort per row, no host sync; NaN
     rows give NaN; equal infinite neighbours give that infinity, so zero-SNR stays finite)."""
-    from ..reference import row_quantile as reference_row_quantile
+    from ...reference import row_quantile as reference_row_quantile
 
     return reference_row_quantile(x2d, q)
 

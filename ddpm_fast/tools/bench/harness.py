@@ -61,7 +61,7 @@ def machine_info(device) -> dict:
     except (AttributeError, OSError):
         pass
     try:
-        from .. import __version__
+        from ... import __version__
         info["ddpm_fast"] = __version__
     except Exception:
         pass
@@ -71,12 +71,12 @@ def machine_info(device) -> dict:
         except Exception:
             info[mod] = None
     try:
-        from ..backends import backends
+        from ...backends import backends
         info["backends"] = backends()
     except Exception as e:
         info["backends"] = f"{type(e).__name__}: {e}"
     try:
-        from .._native_backend import build_info
+        from ...backends.native import build_info
         info["native_build"] = build_info()
     except Exception as e:
         info["native_build"] = f"{type(e).__name__}: {e}"

@@ -17,8 +17,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..nvtx import nvtx_range
-from ..step_options import StepOptions
+from ...nvtx import nvtx_range
+from ...step_options import StepOptions
 
 SEED, OFFSET = 1234, 7
 DDPM_T = 500
@@ -78,18 +78,18 @@ def shape_str(shape: Sequence[int]) -> str:
 # shared pieces
 # --------------------------------------------------------------------------------------------
 def _schedule():
-    from ..schedule import NoiseSchedule
+    from ...schedule import NoiseSchedule
     return NoiseSchedule.from_name("linear", 1000)
 
 
 def _toy_scheduler():
-    from ..schedulers import DDPMScheduler
+    from ...schedulers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=TOY_T, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                          variance_type="fixed_large")
 
 
 def _library_backend(provider: str, device: torch.device, dtype: torch.dtype):
-    from ..backends import BackendUnavailable, resolve_backend
+    from ...backends import BackendUnavailable, resolve_backend
     if provider == "triton" and device.type == "cpu":
         raise ProviderSkip("Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1): not timed")
     try:
@@ -100,7 +100,7 @@ def _library_backend(provider: str, device: torch.device, dtype: torch.dtype):
 
 def _reference_module():
     try:
-        return importlib.import_module("ddpm_fast._reference_backend")
+        return importlib.import_module("ddpm_fast.backends.reference")
     except Exception as e:
         raise ProviderSkip(f"reference backend not importable: {type(e).__name__}: {e}") from None
 
@@ -171,7 +171,7 @@ def _with_library(make: Callable[..., Runner], names=("native", "triton", "refer
 # gaussian_noise
 # --------------------------------------------------------------------------------------------
 def _noise_public(backend, d, shape, dtype, device):
-    from .. import ops
+    from ... import ops
     seed, offset = d["seed"], d["offset"]
     return lambda: ops.gaussian_noise(shape, seed, offset, device=device, dtype=dtype, backend=backend)
 
@@ -200,7 +200,7 @@ GAUSSIAN_NOISE = OpSpec(
 # q_sample
 # --------------------------------------------------------------------------------------------
 def _q_public(backend, d, shape, dtype, device):
-    from .. import ops
+    from ... import ops
     sched = _schedule()
     x0, t_rows, seed, offset = d["x0"], d["t_rows"], d["seed"], d["offset"]
     return lambda: ops.q_sample(x0, t_rows, sched, seed=seed, offset=offset, backend=backend)
@@ -239,7 +239,7 @@ _DDIM_OPTS = dict(eta=0.0, prediction_type="epsilon", use_clipped_model_output=F
 
 
 def _ddpm_public(backend, d, shape, dtype, device):
-    from .. import ops
+    from ... import ops
     sched = _schedule()
     mo, x_t, seed, offset = d["model_output"], d["x_t"], d["seed"], d["offset"]
     t = torch.full((shape[0],), DDPM_T, dtype=torch.int64, device=device)
@@ -273,7 +273,7 @@ DDPM_STEP = OpSpec(
 
 
 def _ddim_public(backend, d, shape, dtype, device):
-    from .. import ops
+    from ... import ops
     sched = _schedule()
     mo, x_t = d["model_output"], d["x_t"]
     tv, pv = _ddim_timesteps()
@@ -317,7 +317,7 @@ DDIM_STEP = OpSpec(
 # the training side: q_sample + loss forward + backward
 # --------------------------------------------------------------------------------------------
 def _train_public(backend, d, shape, dtype, device, *, noise_once: bool = False):
-    from .. import ops
+    from ... import ops
     sched = _schedule()
     x0, t_rows, seed, offset = d["x0"], d["t_rows"], d["seed"], d["offset"]
     mo = d["model_output"].detach().clone().requires_grad_(True)
@@ -425,7 +425,7 @@ def toy_inputs(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 def _tl_public(backend, d, shape, dtype, device):
-    from ..training import training_loss
+    from ...training import training_loss
     sched = _toy_scheduler()
     model = _StandIn(shape[-1], device, dtype)
     x0 = d["x0"]
@@ -476,7 +476,7 @@ TRAINING_LOSS = OpSpec(
 # vlb_loss
 # --------------------------------------------------------------------------------------------
 def _vlb_public(backend, d, shape, dtype, device):
-    from .. import ops
+    from ... import ops
     sched = _schedule()
     mo, x0, x_t, t_rows = d["model_output"], d["x0"], d["x_t"], d["t_rows"]
     return lambda: ops.vlb_loss(mo, x0, x_t, t_rows, sched, backend=backend)

@@ -13,7 +13,8 @@ from .timing import quantile, ratio_summary
 
 # The issues' targets live beside the benchmarks, not in the library: benchmarks/targets.json of
 # the source tree (found from the package's location), or --targets PATH.
-DEFAULT_TARGETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir))  # ddpm_fast/tools/bench/
+DEFAULT_TARGETS = os.path.join(_REPO,
                                "benchmarks", "targets.json")
 NOISY_SPREAD = 0.25  # a provider's (p75 - p25) / median above this marks its row noisy ("~")
 

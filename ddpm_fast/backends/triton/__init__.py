@@ -9,7 +9,7 @@ also as ``<op>_out``, writing into ``out``, which may be ``x_t``), ``diffusion_l
 Runs CUDA tensors where Triton is installed and a GPU is visible; CPU tensors only under
 ``TRITON_INTERPRET=1`` (the Triton interpreter, slow: for tests) and only when asked for by name
 (``backend="triton"``): ``backend=None`` never picks it on the CPU. Triton is imported lazily, on the
-first op call, so ``import ddpm_fast.triton`` works (and reports unavailability) without it.
+first op call, so ``import ddpm_fast.backends.triton`` works (and reports unavailability) without it.
 
 Layout: one module per op (``noise_op``, ``q_sample_op``, ``ddpm_step_op``, ``ddim_step_op`` with the
 inversion, ``loss_op``, ``vlb_op``; the ``_op`` suffix keeps a submodule import from shadowing this
@@ -81,7 +81,7 @@ def availability() -> Dict[str, Tuple[bool, str]]:
                      "only when asked for by name)")
     else:
         cpu = (False, "CPU tensors only under TRITON_INTERPRET=1 (the Triton interpreter), set before "
-                      "ddpm_fast.triton's kernels are imported")
+                      "ddpm_fast.backends.triton's kernels are imported")
     return {"cuda": cuda, "cpu": cpu}
 
 

@@ -12,7 +12,7 @@ main launch reads the per-row threshold from a device tensor. No host sync anywh
 Backward: the vjp of ``ddpm_fast.reference.ddpm_step`` with ``noise=None`` (the additive
 ``sigma z`` is independent of ``model_output`` and ``x_t``; with learned variances ``sigma`` depends
 on the model output, and that term is ``z * dsigma``: the backward regenerates it by passing the
-noise through; ``ddpm_fast._op_glue`` registers it, with the fakes).
+noise through; ``ddpm_fast.backends._op_glue`` registers it, with the fakes).
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as R
+from .. import reference as R
 from ._op_glue import run_step
-from .noise import gaussian_noise_reference
+from ..noise import gaussian_noise_reference
 
 NAME = "reference"
 
@@ -39,7 +39,7 @@ def _check_out_noise(out, noise):
     here (the reference computes before it writes, but the rule is every backend's: out may be
     exactly an input, never part of one)."""
     if out is not None and noise is not None and not torch.compiler.is_compiling():
-        from .ops import _same_view, _shares_memory
+        from .._tensors import _same_view, _shares_memory
         if not _same_view(out, noise) and _shares_memory(out, noise):
             raise ValueError("out shares part of its memory with noise (a shifted or sliced view of the same "
                              "storage): give out=noise itself, or a tensor of its own")

@@ -120,7 +120,7 @@ def _plot(path, data, samples, snapshots, losses, result, args):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--digits" in argv:  # the real-data example (ddpm_fast/digits.py); its own options follow
+    if "--digits" in argv:  # the real-data example (ddpm_fast/tools/digits.py); its own options follow
         from . import digits
 
         return digits.main([a for a in argv if a != "--digits"])
