@@ -1,6 +1,6 @@
 """Installing ddpm_fast ends with its kernels, and a second install does not recompile them.
 
-Fast checks of the builder (``ddpm_fast/_build.py``) and the loader (``ddpm_fast/_native_backend.py``):
+Fast checks of the builder (``ddpm_fast/_build.py``) and the loader (``ddpm_fast/backends/native/__init__.py``):
 one source list, the sources' hash and mirror, the reasons given when the kernels are missing or
 failed, a first-use build that fails loudly, a CUDA failure that keeps the CPU kernels.
 
@@ -94,6 +94,13 @@ def test_installed_record_decisions():
     assert why.startswith("its build at install failed") and "boom" in why
     _, why = _native_backend._installed(dict(base, cuda={"attempted": False, "why": "torch has no CUDA"}), "cuda", sha)
     assert why == "torch has no CUDA"
+    # a library whose record predates source hashes (or no record at all) is not trusted where the
+    # sources are at hand: it may be older than them (a stale copy ran old kernels silently)
+    old = {"torch_version": torch.__version__, "built": True}
+    _, why = _native_backend._installed(old, "cpu", sha)
+    assert "does not say which sources" in why
+    _, why = _native_backend._installed({}, "cpu", sha)
+    assert why
 
 
 def _package_copy(tmp_path, *, with_library):

@@ -58,8 +58,11 @@ def _installed(record: dict, part: str, sha: Optional[str]) -> Tuple[Optional[st
         entry = {"attempted": True, "built": True}
     if record.get("torch_version", torch.__version__) != torch.__version__:
         return None, f"installed for torch {record['torch_version']} but torch {torch.__version__} is running"
-    if sha is not None and record.get("sources_sha") not in (None, sha):
-        return None, "the sources changed since it was installed"
+    if sha is not None and record.get("sources_sha") != sha:
+        # a record without a hash (an older setup, or a library copied in by hand) cannot vouch
+        # for the sources: with the sources at hand, rebuild rather than run stale kernels
+        return None, ("the sources changed since it was installed" if record.get("sources_sha")
+                      else "its record does not say which sources it was built from")
     if not entry or not entry.get("attempted"):
         return None, (entry or {}).get("why") or "not built at install"
     if not entry.get("built"):
