@@ -45,6 +45,36 @@ def examples(n):
     return settings(PROFILE, max_examples=n)
 
 
+# Hypothesis (6.131 on) now and then draws, instead of a random value, a literal found in any local
+# module loaded in the process: every test file pytest collected, every library module imported so
+# far. ``derandomize`` does not cover that pool, so the examples changed with the test files on the
+# command line (tests/test_api.py and tests/test_reliability.py collected first gave
+# test_ddpm_step_parity other examples than a run of this file alone) and with any literal edited
+# anywhere. These tests draw from Hypothesis's built-in constants only: the same examples in every
+# process. (A private hook; test_examples_do_not_depend_on_the_modules_loaded fails if it goes.)
+try:
+    from hypothesis.internal.conjecture import providers as _hypothesis_providers
+except ImportError:  # pragma: no cover  (a Hypothesis without that module has no such pool)
+    _hypothesis_providers = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_local_constants():
+    get = getattr(_hypothesis_providers, "_get_local_constants", None)
+    cache = getattr(getattr(_hypothesis_providers, "CONSTANTS_CACHE", None), "cache", None)
+    if get is None or cache is None or not hasattr(_hypothesis_providers, "Constants"):
+        yield  # a Hypothesis without the pool (before 6.131): nothing to pin
+        return
+    empty = _hypothesis_providers.Constants()
+    _hypothesis_providers._get_local_constants = lambda: empty
+    cache.clear()  # per-range choices cached from the pool of earlier tests
+    try:
+        yield
+    finally:
+        _hypothesis_providers._get_local_constants = get
+        cache.clear()
+
+
 # tests/test_native.py's table: dtype -> (rtol, atol)
 TOL = {
     torch.float32: (1e-5, 1e-5),
@@ -225,6 +255,31 @@ def _call_both(fn, out_kind, x_t, **kw):
             assert x_prev is extra["out"]
         results.append(res)
     return results
+
+
+def test_examples_do_not_depend_on_the_modules_loaded(tmp_path):
+    """The same examples before and after a new local module full of literals is imported (what
+    collecting other test files did): Hypothesis's pool of local constants is pinned."""
+    seen = []
+
+    @settings(PROFILE, max_examples=80)
+    @given(st.lists(st.integers(0, 2 ** 31 - 1), min_size=4, max_size=4), st.integers(-60, 999))
+    def draw(xs, t):
+        seen.append((tuple(xs), t))
+
+    draw()
+    before = list(seen)
+    name = "ddpm_fast_literals_probe"
+    (tmp_path / f"{name}.py").write_text("LITERALS = (" + ", ".join(map(str, range(101, 5000, 7))) + ")\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        __import__(name)
+        seen.clear()
+        draw()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+    assert len(before) == 80 and seen == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,6 +590,12 @@ def test_bad_inputs_raise_a_clear_error_naming_the_argument(case, backend):
 _FUZZ_SCRIPT = r"""
 import json, sys, torch, ddpm_fast
 from hypothesis import given, settings, strategies as st
+try:  # Hypothesis's built-in constants only, not the literals of ddpm_fast's modules (see _no_local_constants)
+    from hypothesis.internal.conjecture import providers as P
+    if hasattr(P, "_get_local_constants") and hasattr(P, "Constants"):
+        P._get_local_constants = lambda empty=P.Constants(): empty
+except ImportError:
+    pass
 ddpm_fast.backends()
 ops = torch.ops.ddpm_fast
 S = ddpm_fast.NoiseSchedule.from_name("linear", 50)
