@@ -68,24 +68,32 @@ def box_muller(ra: torch.Tensor, rb: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def _split_seed(seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    seed = seed.to(torch.int64)
+def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Philox key ``(seed mod 2^32, seed >> 32)`` of a seed (int or int64 tensor)."""
+    seed = torch.as_tensor(seed, dtype=torch.int64)
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
+def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The float64 normals of block ``q`` (elements ``4q .. 4q+3``) in a trailing dim of 4: one
+    Philox call (counter ``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``, key from ``seed``),
+    two Box-Muller pairs. ``q``, ``seed`` and ``offset`` are int64 tensors that broadcast."""
+    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), _key_words(seed))
+    n0, n1 = box_muller(r0, r1)
+    n2, n3 = box_muller(r2, r3)
+    return torch.stack([n0, n1, n2, n3], dim=-1)
+
+
 def normals_at(index: torch.Tensor, seed, offset) -> torch.Tensor:
-    """The float64 normals of the contract at element indices ``index`` (int64 tensor).
-    ``seed`` and ``offset`` are ints or int64 tensors broadcasting against ``index``."""
+    """The float64 normals of the contract at element indices ``index`` (int64 tensor): number
+    ``index % 4`` of block ``index // 4``. ``seed`` and ``offset`` are ints or int64 tensors
+    broadcasting against ``index``."""
     index = torch.as_tensor(index, dtype=torch.int64)
     seed = torch.as_tensor(seed, dtype=torch.int64, device=index.device)
     offset = torch.as_tensor(offset, dtype=torch.int64, device=index.device)
-    q = index >> 2
-    k0, k1 = _split_seed(seed)
-    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
-    n0, n1 = box_muller(r0, r1)
-    n2, n3 = box_muller(r2, r3)
-    lane = index & 3
-    return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+    blocks = _normal_blocks(index >> 2, seed, offset)
+    lane = (index & 3).expand(blocks.shape[:-1]).unsqueeze(-1)
+    return blocks.gather(-1, lane).squeeze(-1)
 
 
 def _shape_tuple(shape) -> Tuple[int, ...]:
@@ -136,14 +144,6 @@ def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=Non
     return flat.reshape(shape).to(dtype)
 
 
-def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    k0, k1 = _split_seed(seed)
-    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
-    n0, n1 = box_muller(r0, r1)
-    n2, n3 = box_muller(r2, r3)
-    return torch.stack([n0, n1, n2, n3], dim=-1)
-
-
 # --------------------------------------------------------------------------------------------
 # World-size invariance: row seeds and row bits keyed by a row's global index (docs/distributed.md)
 # --------------------------------------------------------------------------------------------
@@ -153,11 +153,6 @@ def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) ->
 _DERIVED = 0x80000000
 _MASK31 = 0x7FFFFFFF
 _FEISTEL_ROUNDS = 4
-
-
-def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    seed = torch.as_tensor(seed, dtype=torch.int64)
-    return seed & _MASK32, (seed >> 32) & _MASK32
 
 
 def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
