@@ -168,25 +168,22 @@ def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
     index = torch.as_tensor(sample_index, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         index = index.to(seed.device)
-    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=index.device))
-    hi, lo = (index >> 32) & _MASK31, index & _MASK32
-    zero = torch.zeros((), dtype=torch.int64, device=index.device)
-    for rnd in range(_FEISTEL_ROUNDS):
-        tag = _DERIVED | rnd
-        if rnd % 2 == 0:
-            hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)
-        else:
-            lo = lo ^ philox4x32_10((hi, tag, zero, _DERIVED), (k0, k1))[0]
-    return (hi << 32) | lo
+    return _feistel(seed, index, range(_FEISTEL_ROUNDS))
 
 
 def _row_seeds_inverse(seed, row_seed: torch.Tensor) -> torch.Tensor:
     """``R_seed^-1``: the rounds undone in reverse order (the bijection, made checkable)."""
-    row_seed = torch.as_tensor(row_seed, dtype=torch.int64)
-    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=row_seed.device))
-    hi, lo = (row_seed >> 32) & _MASK31, row_seed & _MASK32
-    zero = torch.zeros((), dtype=torch.int64, device=row_seed.device)
-    for rnd in reversed(range(_FEISTEL_ROUNDS)):
+    return _feistel(seed, torch.as_tensor(row_seed, dtype=torch.int64), reversed(range(_FEISTEL_ROUNDS)))
+
+
+def _feistel(seed, x: torch.Tensor, rounds) -> torch.Tensor:
+    """The Feistel rounds of :func:`row_seeds`, in the order ``rounds``, on ``x`` (int64 in [0, 2^63))
+    split as ``(hi, lo)`` = 31 + 32 bits. Each round xors one half with a Philox word of the other, so
+    it undoes itself: the reversed order is the inverse."""
+    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=x.device))
+    hi, lo = (x >> 32) & _MASK31, x & _MASK32
+    zero = torch.zeros((), dtype=torch.int64, device=x.device)
+    for rnd in rounds:
         tag = _DERIVED | rnd
         if rnd % 2 == 0:
             hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)
