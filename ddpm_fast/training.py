@@ -53,17 +53,23 @@ def timestep_generator(seed: int, offset: int) -> torch.Generator:
     return g
 
 
+def _check_seed_offset(name: str, value) -> int:
+    """``value`` as an int, checked to be an int (Python or numpy, not bool) in [0, 2**63): a training
+    step's seed or offset, as :class:`NoiseStream` and :func:`training_loss` take them (host ints: the
+    timestep generator is seeded from them). ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2 ** 63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return int(value)
+
+
 class NoiseStream:
     """A ``(seed, offset)`` source for a training run: :meth:`next` returns the pair for this step
     and advances ``offset`` by one, so every iteration draws new noise and step ``k`` of a run is
     ``(seed, start + k)``. ``state_dict``/``load_state_dict`` make it checkpointable."""
 
     def __init__(self, seed: int, offset: int = 0):
-        for name, v in (("seed", seed), ("offset", offset)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2 ** 63:
-                raise ValueError(f"{name} must be an int in [0, 2**63), got {v!r}")
-        self.seed = int(seed)
-        self.offset = int(offset)
+        self.seed = _check_seed_offset("seed", seed)
+        self.offset = _check_seed_offset("offset", offset)
 
     def next(self) -> Tuple[int, int]:
         pair = (self.seed, self.offset)
@@ -315,10 +321,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
         if offset != 0:
             raise ValueError("give offset only with an int seed; a NoiseStream carries its own offset")
         seed, offset = seed.next()
-    for name, v in (("seed", seed), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2 ** 63:
-            raise ValueError(f"{name} must be an int in [0, 2**63), got {v!r}")
-    seed, offset = int(seed), int(offset)
+    seed, offset = _check_seed_offset("seed", seed), _check_seed_offset("offset", offset)
     ops._check_choice("target", target, ops.LOSS_TARGETS)
     ops._check_choice("reduction", reduction, ops.REDUCTIONS)
     x0 = ops._check_tensor("x0", x0)
