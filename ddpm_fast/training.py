@@ -360,12 +360,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     else:
         timestep_sampler.update(t, per_sample.detach(), sample_index=sample_index)
     weighted = per_sample if _uniform_weights(timestep_sampler) else per_sample * w  # w == 1: x * 1 == x
-    if reduction == "mean":
-        loss = weighted.mean()
-    elif reduction == "sum":
-        loss = weighted.sum()
-    else:
-        loss = weighted
+    loss = ops._reduce(weighted, reduction)
     if return_details:
         return loss, {"t": t, "weights": w, "losses": per_sample.detach(), "seed": seed, "offset": offset,
                       "sample_index": sample_index}
