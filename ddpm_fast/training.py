@@ -265,7 +265,7 @@ def _unwrap(out) -> torch.Tensor:
     raise TypeError(f"the model must return a tensor, an object with .sample, or a tuple; got {type(out).__name__}")
 
 
-def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optional[str]):
+def _noise_once(x0: torch.Tensor, seed, offset: int, loss_reads_noise: bool, backend: Optional[str]):
     """The step's noise as a tensor, on the CPU with the native backend; else None (regenerate).
 
     q_sample and the loss each regenerate the docs/noise.md noise of ``(seed, offset)``, and the loss backward
@@ -273,9 +273,10 @@ def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optio
     is the cost. There the step draws it once (``gaussian_noise``, the very values the kernels
     regenerate: they compute it in fp32 too, so the results are bit for bit those of the
     ``seed=`` path) and passes ``noise=`` to both ops; the loss keeps it for its backward. Costs
-    one fp32 tensor of ``x0``'s shape for the step. ``target="sample"`` needs noise in q_sample only.
+    one fp32 tensor of ``x0``'s shape for the step. ``loss_reads_noise``: whether the loss needs the
+    noise too (not the simple loss with ``target="sample"``, whose noise is in q_sample only).
     ``seed``: an int, or the ``(B,)`` per-row seeds of ``sample_index=``."""
-    if x0.device.type != "cpu" or target == "sample":
+    if x0.device.type != "cpu" or not loss_reads_noise:
         return None
     from .backends import resolve_backend
     if resolve_backend(backend, x0.device, x0.dtype).NAME != "native":
@@ -303,7 +304,10 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
 
     ``schedule``: a :class:`NoiseSchedule` or one of our schedulers (its ``schedule``).
     ``seed``: an int with ``offset`` the step counter, or a :class:`NoiseStream` (its next pair is
-    used and it advances). ``target``: ``epsilon``, ``sample`` or ``v_prediction``.
+    used and it advances). ``target``: what the model predicts, the loss's regression target:
+    ``epsilon``, ``sample`` or ``v_prediction`` (:func:`~ddpm_fast.diffusion_loss`'s ``target``; with
+    ``hybrid=True`` the first ``C`` output channels predict it, which is
+    :func:`~ddpm_fast.hybrid_loss`'s ``prediction_type``, also the parametrisation its VLB term reads).
     ``snr_gamma``: min-SNR-gamma weights. ``sample_index``: a ``(B,)`` int64 tensor of the rows'
     global indices in the step's batch (e.g. ``arange(start, start + B)`` on a rank holding rows
     ``start..start+B-1``): then row ``b``'s timestep is ``timestep_sampler.sample_from_bits(
@@ -344,12 +348,14 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
     t_model = schedule.timestep_map.to(t_cpu.device)[t_cpu].to(dev)
-    noise = _noise_once(x0, noise_seed, offset, target, backend)
+    # the hybrid loss rebuilds x_t from the noise whatever the target
+    noise = _noise_once(x0, noise_seed, offset, hybrid or target != "sample", backend)
     noise_kw = {"noise": noise} if noise is not None else {"seed": noise_seed, "offset": offset}
     with torch.no_grad() if not x0.requires_grad else contextlib.nullcontext():
         x_t = ops.q_sample(x0, t, schedule, backend=backend, **noise_kw)
     out = _unwrap(model(x_t, t_model))
     if hybrid:
+        # target is what the first C output channels predict: hybrid_loss calls it prediction_type
         per_sample = ops.hybrid_loss(out, x0, t, schedule, prediction_type=target, variance_type=variance_type,
                                      snr_gamma=snr_gamma, reduction="none", backend=backend, **noise_kw)
     else:
