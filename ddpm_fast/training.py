@@ -127,7 +127,7 @@ class UniformSampler:
         w = self.weights()
         T = self.num_timesteps
         if np.all(w == w[0]):
-            return bits % T, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+            return _uniform_from_bits(bits, T)
         p = torch.from_numpy(w / w.sum())
         cdf = torch.cumsum(p, 0).to(bits.device)
         u = (bits >> 10).to(torch.float64) * 2.0 ** -53
@@ -137,6 +137,11 @@ class UniformSampler:
 
     def update(self, t: torch.Tensor, losses: torch.Tensor, sample_index: Optional[torch.Tensor] = None) -> None:
         """Record per-sample losses (nothing to do for the uniform sampler)."""
+
+
+def _uniform_from_bits(bits: torch.Tensor, num_timesteps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uniform ``(t, w)`` from 63 random bits per row: ``t = bits mod T``, ``w = 1``."""
+    return bits % num_timesteps, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
 
 
 def _uniform_weights(sampler) -> bool:
@@ -250,7 +255,7 @@ def _draw_indexed_timesteps(timestep_sampler, seed, offset: int, sample_index: t
         _check_traceable_sampler(timestep_sampler)
         # a 0-d tensor: row_bits' torch.as_tensor of a traced int would specialise on its value
         bits = row_bits(seed, torch.full((), offset, dtype=torch.int64), sample_index)
-        return bits % timestep_sampler.num_timesteps, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+        return _uniform_from_bits(bits, timestep_sampler.num_timesteps)
     return timestep_sampler.sample_from_bits(row_bits(seed, offset, sample_index))
 
 
