@@ -122,7 +122,7 @@ def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=Non
     shape = _shape_tuple(shape)
     seed_t = torch.as_tensor(seed, dtype=torch.int64)
     if device is None:
-        device = seed_t.device if seed_t.device.type != "cpu" else torch.device("cpu")
+        device = seed_t.device
     device = torch.device(device)
     seed_t = seed_t.to(device)
     offset_t = torch.as_tensor(offset, dtype=torch.int64).to(device).reshape(())
