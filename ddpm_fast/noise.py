@@ -68,24 +68,32 @@ def box_muller(ra: torch.Tensor, rb: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def _split_seed(seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    seed = seed.to(torch.int64)
+def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Philox key ``(seed mod 2^32, seed >> 32)`` of a seed (int or int64 tensor)."""
+    seed = torch.as_tensor(seed, dtype=torch.int64)
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
+def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The float64 normals of block ``q`` (elements ``4q .. 4q+3``) in a trailing dim of 4: one
+    Philox call (counter ``(q mod 2^32, q >> 32, offset mod 2^32, offset >> 32)``, key from ``seed``),
+    two Box-Muller pairs. ``q``, ``seed`` and ``offset`` are int64 tensors that broadcast."""
+    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), _key_words(seed))
+    n0, n1 = box_muller(r0, r1)
+    n2, n3 = box_muller(r2, r3)
+    return torch.stack([n0, n1, n2, n3], dim=-1)
+
+
 def normals_at(index: torch.Tensor, seed, offset) -> torch.Tensor:
-    """The float64 normals of the contract at element indices ``index`` (int64 tensor).
-    ``seed`` and ``offset`` are ints or int64 tensors broadcasting against ``index``."""
+    """The float64 normals of the contract at element indices ``index`` (int64 tensor): number
+    ``index % 4`` of block ``index // 4``. ``seed`` and ``offset`` are ints or int64 tensors
+    broadcasting against ``index``."""
     index = torch.as_tensor(index, dtype=torch.int64)
     seed = torch.as_tensor(seed, dtype=torch.int64, device=index.device)
     offset = torch.as_tensor(offset, dtype=torch.int64, device=index.device)
-    q = index >> 2
-    k0, k1 = _split_seed(seed)
-    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
-    n0, n1 = box_muller(r0, r1)
-    n2, n3 = box_muller(r2, r3)
-    lane = index & 3
-    return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+    blocks = _normal_blocks(index >> 2, seed, offset)
+    lane = (index & 3).expand(blocks.shape[:-1]).unsqueeze(-1)
+    return blocks.gather(-1, lane).squeeze(-1)
 
 
 def _shape_tuple(shape) -> Tuple[int, ...]:
@@ -114,7 +122,7 @@ def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=Non
     shape = _shape_tuple(shape)
     seed_t = torch.as_tensor(seed, dtype=torch.int64)
     if device is None:
-        device = seed_t.device if seed_t.device.type != "cpu" else torch.device("cpu")
+        device = seed_t.device
     device = torch.device(device)
     seed_t = seed_t.to(device)
     offset_t = torch.as_tensor(offset, dtype=torch.int64).to(device).reshape(())
@@ -136,14 +144,6 @@ def gaussian_noise_reference(shape: Sequence[int], seed, offset=0, *, device=Non
     return flat.reshape(shape).to(dtype)
 
 
-def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    k0, k1 = _split_seed(seed)
-    r0, r1, r2, r3 = philox4x32_10((q & _MASK32, q >> 32, offset & _MASK32, offset >> 32), (k0, k1))
-    n0, n1 = box_muller(r0, r1)
-    n2, n3 = box_muller(r2, r3)
-    return torch.stack([n0, n1, n2, n3], dim=-1)
-
-
 # --------------------------------------------------------------------------------------------
 # World-size invariance: row seeds and row bits keyed by a row's global index (docs/distributed.md)
 # --------------------------------------------------------------------------------------------
@@ -153,11 +153,6 @@ def _normal_blocks(q: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) ->
 _DERIVED = 0x80000000
 _MASK31 = 0x7FFFFFFF
 _FEISTEL_ROUNDS = 4
-
-
-def _key_words(seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    seed = torch.as_tensor(seed, dtype=torch.int64)
-    return seed & _MASK32, (seed >> 32) & _MASK32
 
 
 def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
@@ -173,25 +168,22 @@ def row_seeds(seed, sample_index: torch.Tensor) -> torch.Tensor:
     index = torch.as_tensor(sample_index, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         index = index.to(seed.device)
-    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=index.device))
-    hi, lo = (index >> 32) & _MASK31, index & _MASK32
-    zero = torch.zeros((), dtype=torch.int64, device=index.device)
-    for rnd in range(_FEISTEL_ROUNDS):
-        tag = _DERIVED | rnd
-        if rnd % 2 == 0:
-            hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)
-        else:
-            lo = lo ^ philox4x32_10((hi, tag, zero, _DERIVED), (k0, k1))[0]
-    return (hi << 32) | lo
+    return _feistel(seed, index, range(_FEISTEL_ROUNDS))
 
 
 def _row_seeds_inverse(seed, row_seed: torch.Tensor) -> torch.Tensor:
     """``R_seed^-1``: the rounds undone in reverse order (the bijection, made checkable)."""
-    row_seed = torch.as_tensor(row_seed, dtype=torch.int64)
-    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=row_seed.device))
-    hi, lo = (row_seed >> 32) & _MASK31, row_seed & _MASK32
-    zero = torch.zeros((), dtype=torch.int64, device=row_seed.device)
-    for rnd in reversed(range(_FEISTEL_ROUNDS)):
+    return _feistel(seed, torch.as_tensor(row_seed, dtype=torch.int64), reversed(range(_FEISTEL_ROUNDS)))
+
+
+def _feistel(seed, x: torch.Tensor, rounds) -> torch.Tensor:
+    """The Feistel rounds of :func:`row_seeds`, in the order ``rounds``, on ``x`` (int64 in [0, 2^63))
+    split as ``(hi, lo)`` = 31 + 32 bits. Each round xors one half with a Philox word of the other, so
+    it undoes itself: the reversed order is the inverse."""
+    k0, k1 = _key_words(torch.as_tensor(seed, dtype=torch.int64, device=x.device))
+    hi, lo = (x >> 32) & _MASK31, x & _MASK32
+    zero = torch.zeros((), dtype=torch.int64, device=x.device)
+    for rnd in rounds:
         tag = _DERIVED | rnd
         if rnd % 2 == 0:
             hi = hi ^ (philox4x32_10((lo, tag, zero, _DERIVED), (k0, k1))[0] & _MASK31)

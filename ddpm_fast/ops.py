@@ -86,7 +86,7 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-LOSS_TARGETS = ("epsilon", "sample", "v_prediction")
+LOSS_TARGETS = PREDICTION_TYPES  # a loss regresses the output onto what the model predicts: the same names
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -53,17 +53,23 @@ def timestep_generator(seed: int, offset: int) -> torch.Generator:
     return g
 
 
+def _check_seed_offset(name: str, value) -> int:
+    """``value`` as an int, checked to be an int (Python or numpy, not bool) in [0, 2**63): a training
+    step's seed or offset, as :class:`NoiseStream` and :func:`training_loss` take them (host ints: the
+    timestep generator is seeded from them). ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2 ** 63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return int(value)
+
+
 class NoiseStream:
     """A ``(seed, offset)`` source for a training run: :meth:`next` returns the pair for this step
     and advances ``offset`` by one, so every iteration draws new noise and step ``k`` of a run is
     ``(seed, start + k)``. ``state_dict``/``load_state_dict`` make it checkpointable."""
 
     def __init__(self, seed: int, offset: int = 0):
-        for name, v in (("seed", seed), ("offset", offset)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2 ** 63:
-                raise ValueError(f"{name} must be an int in [0, 2**63), got {v!r}")
-        self.seed = int(seed)
-        self.offset = int(offset)
+        self.seed = _check_seed_offset("seed", seed)
+        self.offset = _check_seed_offset("offset", offset)
 
     def next(self) -> Tuple[int, int]:
         pair = (self.seed, self.offset)
@@ -121,7 +127,7 @@ class UniformSampler:
         w = self.weights()
         T = self.num_timesteps
         if np.all(w == w[0]):
-            return bits % T, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+            return _uniform_from_bits(bits, T)
         p = torch.from_numpy(w / w.sum())
         cdf = torch.cumsum(p, 0).to(bits.device)
         u = (bits >> 10).to(torch.float64) * 2.0 ** -53
@@ -131,6 +137,11 @@ class UniformSampler:
 
     def update(self, t: torch.Tensor, losses: torch.Tensor, sample_index: Optional[torch.Tensor] = None) -> None:
         """Record per-sample losses (nothing to do for the uniform sampler)."""
+
+
+def _uniform_from_bits(bits: torch.Tensor, num_timesteps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uniform ``(t, w)`` from 63 random bits per row: ``t = bits mod T``, ``w = 1``."""
+    return bits % num_timesteps, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
 
 
 def _uniform_weights(sampler) -> bool:
@@ -244,7 +255,7 @@ def _draw_indexed_timesteps(timestep_sampler, seed, offset: int, sample_index: t
         _check_traceable_sampler(timestep_sampler)
         # a 0-d tensor: row_bits' torch.as_tensor of a traced int would specialise on its value
         bits = row_bits(seed, torch.full((), offset, dtype=torch.int64), sample_index)
-        return bits % timestep_sampler.num_timesteps, torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+        return _uniform_from_bits(bits, timestep_sampler.num_timesteps)
     return timestep_sampler.sample_from_bits(row_bits(seed, offset, sample_index))
 
 
@@ -259,7 +270,7 @@ def _unwrap(out) -> torch.Tensor:
     raise TypeError(f"the model must return a tensor, an object with .sample, or a tuple; got {type(out).__name__}")
 
 
-def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optional[str]):
+def _noise_once(x0: torch.Tensor, seed, offset: int, loss_reads_noise: bool, backend: Optional[str]):
     """The step's noise as a tensor, on the CPU with the native backend; else None (regenerate).
 
     q_sample and the loss each regenerate the docs/noise.md noise of ``(seed, offset)``, and the loss backward
@@ -267,9 +278,10 @@ def _noise_once(x0: torch.Tensor, seed, offset: int, target: str, backend: Optio
     is the cost. There the step draws it once (``gaussian_noise``, the very values the kernels
     regenerate: they compute it in fp32 too, so the results are bit for bit those of the
     ``seed=`` path) and passes ``noise=`` to both ops; the loss keeps it for its backward. Costs
-    one fp32 tensor of ``x0``'s shape for the step. ``target="sample"`` needs noise in q_sample only.
+    one fp32 tensor of ``x0``'s shape for the step. ``loss_reads_noise``: whether the loss needs the
+    noise too (not the simple loss with ``target="sample"``, whose noise is in q_sample only).
     ``seed``: an int, or the ``(B,)`` per-row seeds of ``sample_index=``."""
-    if x0.device.type != "cpu" or target == "sample":
+    if x0.device.type != "cpu" or not loss_reads_noise:
         return None
     from .backends import resolve_backend
     if resolve_backend(backend, x0.device, x0.dtype).NAME != "native":
@@ -297,7 +309,10 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
 
     ``schedule``: a :class:`NoiseSchedule` or one of our schedulers (its ``schedule``).
     ``seed``: an int with ``offset`` the step counter, or a :class:`NoiseStream` (its next pair is
-    used and it advances). ``target``: ``epsilon``, ``sample`` or ``v_prediction``.
+    used and it advances). ``target``: what the model predicts, the loss's regression target:
+    ``epsilon``, ``sample`` or ``v_prediction`` (:func:`~ddpm_fast.diffusion_loss`'s ``target``; with
+    ``hybrid=True`` the first ``C`` output channels predict it, which is
+    :func:`~ddpm_fast.hybrid_loss`'s ``prediction_type``, also the parametrisation its VLB term reads).
     ``snr_gamma``: min-SNR-gamma weights. ``sample_index``: a ``(B,)`` int64 tensor of the rows'
     global indices in the step's batch (e.g. ``arange(start, start + B)`` on a rank holding rows
     ``start..start+B-1``): then row ``b``'s timestep is ``timestep_sampler.sample_from_bits(
@@ -315,10 +330,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
         if offset != 0:
             raise ValueError("give offset only with an int seed; a NoiseStream carries its own offset")
         seed, offset = seed.next()
-    for name, v in (("seed", seed), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2 ** 63:
-            raise ValueError(f"{name} must be an int in [0, 2**63), got {v!r}")
-    seed, offset = int(seed), int(offset)
+    seed, offset = _check_seed_offset("seed", seed), _check_seed_offset("offset", offset)
     ops._check_choice("target", target, ops.LOSS_TARGETS)
     ops._check_choice("reduction", reduction, ops.REDUCTIONS)
     x0 = ops._check_tensor("x0", x0)
@@ -341,12 +353,14 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     t = t_cpu.to(dev)
     w = w_cpu.to(dev)
     t_model = schedule.timestep_map.to(t_cpu.device)[t_cpu].to(dev)
-    noise = _noise_once(x0, noise_seed, offset, target, backend)
+    # the hybrid loss rebuilds x_t from the noise whatever the target
+    noise = _noise_once(x0, noise_seed, offset, hybrid or target != "sample", backend)
     noise_kw = {"noise": noise} if noise is not None else {"seed": noise_seed, "offset": offset}
     with torch.no_grad() if not x0.requires_grad else contextlib.nullcontext():
         x_t = ops.q_sample(x0, t, schedule, backend=backend, **noise_kw)
     out = _unwrap(model(x_t, t_model))
     if hybrid:
+        # target is what the first C output channels predict: hybrid_loss calls it prediction_type
         per_sample = ops.hybrid_loss(out, x0, t, schedule, prediction_type=target, variance_type=variance_type,
                                      snr_gamma=snr_gamma, reduction="none", backend=backend, **noise_kw)
     else:
@@ -357,12 +371,7 @@ def training_loss(model, x0: torch.Tensor, schedule, *, seed: Union[int, NoiseSt
     else:
         timestep_sampler.update(t, per_sample.detach(), sample_index=sample_index)
     weighted = per_sample if _uniform_weights(timestep_sampler) else per_sample * w  # w == 1: x * 1 == x
-    if reduction == "mean":
-        loss = weighted.mean()
-    elif reduction == "sum":
-        loss = weighted.sum()
-    else:
-        loss = weighted
+    loss = ops._reduce(weighted, reduction)
     if return_details:
         return loss, {"t": t, "weights": w, "losses": per_sample.detach(), "seed": seed, "offset": offset,
                       "sample_index": sample_index}

@@ -211,3 +211,21 @@ def test_training_loss_noise_once_equals_the_seed_path():
     (want_grad,) = torch.autograd.grad(want, model.W)
     assert torch.equal(seen, model.seen[-1])
     assert torch.equal(loss, want) and torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("target", ["epsilon", "sample", "v_prediction"])
+def test_hybrid_training_loss_noise_once_equals_the_seed_path(target):
+    """With hybrid=True the loss rebuilds x_t from the noise for every target (also "sample"), so on a
+    CPU training_loss passes the step's one noise tensor to it: the same loss and gradient, bit for bit,
+    as q_sample + hybrid_loss regenerating from seed=, with target as hybrid_loss's prediction_type."""
+    _native_cpu()
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
+    model = TinyModel(out_factor=2)
+    loss, det = training_loss(model, x0, SCHED, seed=6, offset=1, target=target, hybrid=True, return_details=True)
+    (grad,) = torch.autograd.grad(loss, model.W)
+    t = det["t"]
+    x_t = ddpm_fast.q_sample(x0, t, SCHED, seed=6, offset=1, backend="native")
+    want = ddpm_fast.hybrid_loss(model(x_t, t), x0, t, SCHED, seed=6, offset=1, prediction_type=target,
+                                 backend="native")
+    (want_grad,) = torch.autograd.grad(want, model.W)
+    assert torch.equal(loss, want) and torch.equal(grad, want_grad)
