@@ -134,12 +134,12 @@ def sample_shard(model, num_samples: int, sample_shape: Sequence[int], scheduler
     ``guidance``, ``cuda_graph``, ...; not ``seed``, ``generator`` or ``sample_index``); ``progress``
     (default True) shows one bar over this rank's rows on rank 0 only."""
     from .sampling import sample
+    from .training import _check_seed_offset  # (training imports this module: a late import)
 
     num_samples = _check_count("num_samples", num_samples)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    seed = _check_seed_offset("seed", seed)
     for k in ("generator", "sample_index", "return_trajectory", "callback"):
         if k in sample_kwargs:
             raise TypeError(f"sample_shard() does not take {k!r} (each row's noise is keyed by seed and its index)")
