@@ -29,6 +29,18 @@ def test_quick_demo_writes_png_and_json(tmp_path, capsys):
     assert set(report["checks"]) == {"weights_within_0.01", "means_within_0.05", "stds_within_10pct"}
 
 
+def test_demo_without_matplotlib_skips_the_plot_and_writes_the_json(tmp_path, capsys, monkeypatch):
+    """A plain install has no matplotlib (it is the [plot] extra): the demo says so and finishes."""
+    find_spec = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    rc = demo.main(["--iterations", "20", "--samples", "200", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "demo.png").exists()
+    assert json.loads((tmp_path / "demo.json").read_text())["recovered"]["n"] == 200
+
+
 def test_evaluate_on_the_true_distribution():
     """evaluate() on data drawn from the truth recovers it (binomial SE 0.0018 at 50,000)."""
     x = demo.draw_data(50_000, torch.Generator().manual_seed(0), "cpu")
