@@ -615,3 +615,11 @@ def test_lane_native_opcheck_on_the_device():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_an_installed_package_is_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+    """From a wheel, the tools folder's parent is site-packages, not a checkout: gpucheck says so
+    instead of looking for tests and sources there."""
+    monkeypatch.setattr(G, "ROOT", str(tmp_path))
+    assert G.main(["--dry", "--out", str(tmp_path / "out")]) == G.EXIT_USAGE
+    assert "source checkout" in capsys.readouterr().err

@@ -1434,6 +1434,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("give the output folder once (OUT or --out)", file=sys.stderr)
         return EXIT_USAGE
     args.out = args.out or args.out_pos
+    if not (os.path.isfile(os.path.join(ROOT, "setup.py")) and os.path.isdir(os.path.join(ROOT, "tests"))):
+        print(f"gpucheck runs from a source checkout (it builds csrc/ and runs tests/); {ROOT} is an installed "
+              "package: run benchmarks/gpu_check.sh from the repository root", file=sys.stderr)
+        return EXIT_USAGE
     if not args.out:
         parser.print_usage(sys.stderr)
         print("an output folder is required: python -m ddpm_fast gpucheck --out DIR (on the device tool: "
