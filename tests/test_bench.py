@@ -334,3 +334,12 @@ def test_benchmark_suite_collects():
 def test_cuda_asked_for_without_cuda(capsys):
     assert bench.main(["--device", "cuda", "--quick"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_triton_provider_without_triton_says_it_is_not_installed(monkeypatch):
+    from ddpm_fast.tools.bench import specs
+
+    find_spec = specs.importlib.util.find_spec
+    monkeypatch.setattr(specs.importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(specs.ProviderSkip, match="triton is not installed"):
+        specs._library_backend("triton", torch.device("cpu"), torch.float32)

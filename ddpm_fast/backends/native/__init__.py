@@ -29,7 +29,7 @@ NAME = "native"
 _HERE = _build.PKG_DIR  # the package's top folder, where the install puts _C*.so
 _state: Dict[str, object] = {"loaded": None, "reason": "", "info": {}, "origin": {}, "cuda": False,
                              "cuda_reason": ""}
-_GET_IT = ("`python -m ddpm_fast._build` builds it now (or reinstall with torch present: "
+_GET_IT = ("`python -m ddpm_fast._build` builds it now (or, in a checkout, reinstall with torch present: "
            "`pip install --no-build-isolation -e .`)")
 
 

@@ -11,6 +11,7 @@ backend: ``native``, ``triton``) and ``baseline`` (the pure-PyTorch specificatio
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -90,6 +91,8 @@ def _toy_scheduler():
 
 def _library_backend(provider: str, device: torch.device, dtype: torch.dtype):
     from ...backends import BackendUnavailable, resolve_backend
+    if provider == "triton" and importlib.util.find_spec("triton") is None:
+        raise ProviderSkip("triton is not installed (pip install triton, or ddpm_fast[triton])")
     if provider == "triton" and device.type == "cpu":
         raise ProviderSkip("Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1): not timed")
     try:
