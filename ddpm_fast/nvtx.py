@@ -40,14 +40,7 @@ _nvtx_reason: str = "not tried yet"
 _range_names: set = set()              # names of the ranges emitted so far (profile tells them from ops)
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        try:
-            return torch._dynamo.is_compiling()
-        except Exception:
-            return False
+_is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch >= 2.6 has it)
 
 
 def is_enabled() -> bool:

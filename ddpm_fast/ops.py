@@ -99,12 +99,7 @@ _debug_checks = os.environ.get("DDPM_FAST_DEBUG_CHECKS", "") not in ("", "0")
 _CPU = torch.device("cpu")
 
 
-def _is_compiling() -> bool:
-    return False
-
-
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):
-    _is_compiling = torch.compiler.is_compiling  # noqa: F811  (True while Dynamo traces)
+_is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch >= 2.6 has it)
 
 
 def set_debug_checks(enabled: bool) -> None:
@@ -521,8 +516,7 @@ def _cache_device_table(schedule: NoiseSchedule, device: torch.device) -> bool:
     return True
 
 
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
-    _cache_device_table = torch.compiler.assume_constant_result(_cache_device_table)
+_cache_device_table = torch.compiler.assume_constant_result(_cache_device_table)
 
 
 def _check_on_device(device: torch.device, name: str, x: torch.Tensor) -> None:

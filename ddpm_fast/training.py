@@ -219,21 +219,20 @@ def _uniform_timesteps(seed_offset: torch.Tensor, batch: int, num_timesteps: int
     return UniformSampler(num_timesteps).sample(batch, timestep_generator(seed, offset))
 
 
-_uniform_timesteps_op = None
-if hasattr(torch.library, "custom_op"):
-    _uniform_timesteps.__annotations__ = {"seed_offset": torch.Tensor, "batch": int, "num_timesteps": int,
-                                          "return": Tuple[torch.Tensor, torch.Tensor]}
-    _uniform_timesteps_op = torch.library.custom_op("ddpm_fast_training::uniform_timesteps", _uniform_timesteps,
-                                                    mutates_args=(), device_types="cpu")
+_uniform_timesteps.__annotations__ = {"seed_offset": torch.Tensor, "batch": int, "num_timesteps": int,
+                                      "return": Tuple[torch.Tensor, torch.Tensor]}
+_uniform_timesteps_op = torch.library.custom_op("ddpm_fast_training::uniform_timesteps", _uniform_timesteps,
+                                                mutates_args=(), device_types="cpu")
 
-    @_uniform_timesteps_op.register_fake
-    def _(seed_offset, batch, num_timesteps):
-        return (torch.empty(batch, dtype=torch.int64, device=seed_offset.device),
-                torch.empty(batch, dtype=torch.float32, device=seed_offset.device))
+
+@_uniform_timesteps_op.register_fake
+def _(seed_offset, batch, num_timesteps):
+    return (torch.empty(batch, dtype=torch.int64, device=seed_offset.device),
+            torch.empty(batch, dtype=torch.float32, device=seed_offset.device))
 
 
 def _check_traceable_sampler(timestep_sampler) -> None:
-    if type(timestep_sampler) is not UniformSampler or _uniform_timesteps_op is None:
+    if type(timestep_sampler) is not UniformSampler:
         raise TypeError(f"under torch.compile, training_loss draws t with the default UniformSampler only, "
                         f"got {type(timestep_sampler).__name__}: a LossAwareSampler reads the losses on the "
                         "host; call training_loss eagerly or draw t outside the compiled code")

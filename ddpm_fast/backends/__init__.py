@@ -94,12 +94,7 @@ if isinstance(getattr(os.environ, "_data", None), dict) and hasattr(os.environ, 
         return None if value is None else os.environ.decodevalue(value)
 
 
-def _is_compiling() -> bool:
-    return False
-
-
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):
-    _is_compiling = torch.compiler.is_compiling  # noqa: F811  (True while Dynamo traces)
+_is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch >= 2.6 has it)
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
@@ -132,11 +127,10 @@ def _resolve_while_tracing(backend, device, dtype) -> str:
     return mod.NAME
 
 
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
-    # Dynamo calls it with the constant arguments while tracing instead of tracing into it (the
-    # import machinery is not traceable) and keeps the name it returns as a constant; the traced
-    # code then reads the loaded module from ``_loaded``.
-    _resolve_while_tracing = torch.compiler.assume_constant_result(_resolve_while_tracing)
+# Dynamo calls it with the constant arguments while tracing instead of tracing into it (the import
+# machinery is not traceable) and keeps the name it returns as a constant; the traced code then
+# reads the loaded module from ``_loaded``.
+_resolve_while_tracing = torch.compiler.assume_constant_result(_resolve_while_tracing)
 
 
 def _resolve(backend: Optional[str], env: Optional[str], device: torch.device, dtype: torch.dtype):
